@@ -1,0 +1,51 @@
+// pissa_fast op schemas, in one place, and the stub that makes the shared library importable.
+//
+// Every op takes a *list* of weights that share shape, dtype and device, and stacked small
+// factors [b, ...]: a single matrix is a list of one, and a group of same-shape layers is one call
+// (one launch per pass on CUDA). Weights are read in their own dtype; factors are float32
+// (float64 for float64 weights).
+#include <Python.h>
+#include <torch/library.h>
+
+#ifdef PISSA_FAST_CUDA_ARCHS
+#define PISSA_FAST_BUILD "cuda:" PISSA_FAST_CUDA_ARCHS
+#else
+#define PISSA_FAST_BUILD "cpu"
+#endif
+
+extern "C" {
+// `import pissa_fast._C` only has to load the library so the TORCH_LIBRARY blocks run; the module
+// carries one attribute, what was compiled in ("cpu" or "cuda:<archs>").
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  PyObject* mod = PyModule_Create(&module_def);
+  if (mod != nullptr && PyModule_AddStringConstant(mod, "build", PISSA_FAST_BUILD) < 0) {
+    Py_DECREF(mod);
+    return nullptr;
+  }
+  return mod;
+}
+}
+
+namespace pissa_fast {
+
+TORCH_LIBRARY(pissa_fast, m) {
+  // Y[i] = W[i] @ X[i]            X: [b, n, k] -> Y: [b, m, k]
+  m.def("wx(Tensor[] W, Tensor X) -> Tensor");
+  // Z[i] = W[i]^T @ Y[i]          Y: [b, m, k] -> Z: [b, n, k]
+  m.def("wtx(Tensor[] W, Tensor Y) -> Tensor");
+  // (Y, Z) with Y[i] = W[i] @ V[i], Z[i] = W[i]^T @ Y[i], reading each block of W once.
+  m.def("gram(Tensor[] W, Tensor V) -> (Tensor, Tensor)");
+  // W[i] -= B[i] @ A[i] in W's own storage and dtype, float32 accumulation.
+  m.def("residual_(Tensor(a!)[] W, Tensor B, Tensor A) -> ()");
+  // out[i] = W[i] - B[i] @ A[i], new contiguous tensors in W's dtype.
+  m.def("residual(Tensor[] W, Tensor B, Tensor A) -> Tensor[]");
+  // The PiSSA factors of every W[i]: A [b, r, n] = sqrt(S) V^T, B [b, m, r] = U sqrt(S), S [b, r].
+  // method: "krylov" | "subspace" | "halko" | "exact"; normalizer: "qr" | "cholqr2".
+  // omega [b, n, l] is the random test matrix (l = r + oversampling), drawn by the caller.
+  m.def(
+      "pissa_factors(Tensor[] W, Tensor omega, int rank, int niter, str method, str normalizer)"
+      " -> (Tensor A, Tensor B, Tensor S)");
+}
+
+}  // namespace pissa_fast

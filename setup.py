@@ -1,0 +1,109 @@
+"""Build pissa_fast's native library: CPU kernels always, CUDA kernels when torch has CUDA and nvcc
+is found (FORCE_CUDA=1 / FORCE_ONLY_CPU=1 override). Honours TORCH_CUDA_ARCH_LIST, MAX_JOBS, DEBUG=1.
+
+torch must already be installed: `pip install --no-build-isolation .`
+"""
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _find_cuda_home():
+    """nvcc's toolkit: $CUDA_HOME/$CUDA_PATH, else /usr/local/cuda, else the real path of `nvcc` on PATH.
+
+    Set before torch.utils.cpp_extension is imported, which otherwise guesses from a symlinked
+    /usr/local/bin/nvcc and lands on /usr/local.
+    """
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        home = os.environ.get(var)
+        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+            return home
+    if os.path.exists("/usr/local/cuda/bin/nvcc"):
+        return "/usr/local/cuda"
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    return None
+
+
+CUDA_HOME = _find_cuda_home()
+if CUDA_HOME:
+    os.environ["CUDA_HOME"] = CUDA_HOME
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+
+def _flag(name):
+    return os.environ.get(name, "0") not in ("", "0", "false", "False")
+
+
+def _want_cuda():
+    if _flag("FORCE_ONLY_CPU"):
+        return False
+    if _flag("FORCE_CUDA"):
+        if CUDA_HOME is None:
+            sys.exit("pissa_fast: FORCE_CUDA=1 but no nvcc was found (set CUDA_HOME)")
+        return True
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def _nvidia_pip_dirs(sub):
+    """include/ or lib/ folders of the nvidia-* pip wheels (cuBLAS, cuSPARSE headers that ATen's CUDA
+    headers include but a bare nvcc toolkit may lack)."""
+    dirs = []
+    try:
+        import nvidia  # namespace package from the nvidia-* wheels torch depends on
+
+        for base in list(nvidia.__path__):
+            dirs += sorted(glob.glob(os.path.join(base, "*", sub)))
+    except ImportError:
+        pass
+    return [d for d in dirs if os.path.isdir(d)]
+
+
+def _arch_list():
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if not archs:
+        # Hopper first, correct on any sm_80+ (Ampere/Ada run the sm_80 code).
+        archs = "8.0;9.0"
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+    return archs.replace(" ", ";")
+
+
+def extensions():
+    debug = _flag("DEBUG")
+    cxx = ["-O0", "-g"] if debug else ["-O3"]
+    cxx += ["-std=c++20", "-fdiagnostics-color=always"]
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    cuda = _want_cuda() and bool(glob.glob("csrc/cuda/*.cu"))
+    if not cuda:
+        return [CppExtension("pissa_fast._C", sources, extra_compile_args={"cxx": cxx},
+                             py_limited_api=False)]
+    archs = _arch_list()
+    sources += sorted(glob.glob("csrc/cuda/*.cu"))
+    define = [("PISSA_FAST_CUDA_ARCHS", '"%s"' % archs.replace(";", ","))]
+    nvcc = ["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]
+    nvcc += ["-std=c++20", "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC"]
+    return [CUDAExtension(
+        "pissa_fast._C", sources, define_macros=define,
+        include_dirs=_nvidia_pip_dirs("include"), library_dirs=_nvidia_pip_dirs("lib"),
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc})]
+
+
+setup(
+    name="pissa_fast",
+    version="0.1.0",
+    description="Fast, accurate PiSSA initialization: randomized SVD and fused residual kernels for PyTorch",
+    packages=find_packages(include=["pissa_fast", "pissa_fast.*"]),
+    ext_modules=extensions(),
+    cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.6", "numpy", "tqdm"],
+    entry_points={"console_scripts": ["pissa-fast=pissa_fast.cli:main"]},
+)
