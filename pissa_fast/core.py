@@ -105,6 +105,7 @@ def _layout(w):
     """(matrix the kernels read, transposed?, is it a copy?). Kernels read rows with unit column
     stride; a transposed weight is decomposed as its transpose (factors swapped back), anything
     else as a contiguous copy in its own dtype."""
+    w = w.detach()
     m, n = w.shape
     if (n == 1 or w.stride(1) == 1) and (m == 1 or w.stride(0) >= n):
         return w, False, False
@@ -150,6 +151,7 @@ def decompose(weight: torch.Tensor, r: int, niter: int | None = 4, *, inplace: b
                           normalizer=normalizer, seed=seed, generator=generator, _single=True)[0]
 
 
+@torch.no_grad()
 def decompose_many(weights: Mapping[Any, torch.Tensor] | Sequence[torch.Tensor], r: int,
                    niter: int | None = 4, *, inplace: bool = False, method: str | None = None,
                    oversample: int | None = None, normalizer: str = "qr", seed: int = 0,
@@ -251,6 +253,8 @@ def decompose_many(weights: Mapping[Any, torch.Tensor] | Sequence[torch.Tensor],
                 a, b, rj = b.t().contiguous(), a.t().contiguous(), rj.t()
             if inplace and pl["copied"]:
                 pl["w"].copy_(rj)
+                rj = pl["w"]
+            elif inplace and not pl["transposed"]:
                 rj = pl["w"]
             results[i] = Decomposition(A=a, B=b, S=s, residual=rj, method=meth, niter=niter)
     if is_map:

@@ -9,7 +9,8 @@ approximation):
   "average L1 distance" (Table 6) and REFERENCE.md's L1.
 - rel_recon: ||B A - W_r||_F / ||W_r||_F, the relative error of the low-rank part.
 - excess: ||W - B A||_F / ||W - W_r||_F - 1, how far the residual is from the smallest possible
-  (0 for the exact factors; defined as 0 when both norms vanish, inf when only the optimum does).
+  (0 for the exact factors). The denominator is floored at 2^-24 ||W||_F (float32's rounding of W),
+  so a W of rank <= r gives a finite number: the residual's size in units of that rounding.
 - sv_rel: max_i |S_i - S*_i| / S*_1, the error of the singular value estimates.
 """
 from __future__ import annotations
@@ -62,11 +63,8 @@ def error_vs_exact(weight: torch.Tensor, out, exact=None) -> ErrorReport:
     rel = torch.linalg.matrix_norm(BA - W_r) / nr if nr > 0 else torch.linalg.matrix_norm(BA)
     best = torch.linalg.matrix_norm(W - W_r)
     got = torch.linalg.matrix_norm(W - BA)
-    tiny = torch.finfo(torch.float64).eps * max(1.0, float(torch.linalg.matrix_norm(W)))
-    if best > tiny:
-        excess = float(got / best - 1)
-    else:
-        excess = 0.0 if got <= 1e3 * tiny else float("inf")
+    floor = 2.0 ** -24 * float(torch.linalg.matrix_norm(W))
+    excess = float((got - best) / max(float(best), floor)) if max(float(best), floor) > 0 else 0.0
     sv = float((out.S.detach().to(W.device, torch.float64) - S).abs().max() / S[0]) if S[0] > 0 else \
         float(out.S.detach().abs().max())
     return ErrorReport(l1=float(l1), rel_recon=float(rel), excess=excess, sv_rel=sv)

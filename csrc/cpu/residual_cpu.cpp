@@ -4,7 +4,6 @@
 // view for float32/float64 weights), updated with one BLAS call and rounded back once, so the result
 // is W - B A rounded to W's dtype and no full-size float32 buffer ever exists.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "../checks.h"
@@ -21,31 +20,30 @@ void check_residual(const char* op, at::TensorList W, const at::Tensor& B, const
   check_factor(op, "A", A, b, B.size(2), n, w0);
 }
 
-// out = W - B @ A row block by row block; out is W itself when in place.
+// out = W - B @ A row block by row block (~1 MiB each, so the block is still in cache when it is
+// written back); out is W itself when in place. Blocks run in order; ATen's kernels inside use the
+// threads.
 void residual_rows(const at::Tensor& Wj, const at::Tensor& Bj, const at::Tensor& Aj, at::Tensor out,
                    bool inplace) {
   const int64_t m = Wj.size(0), n = Wj.size(1);
   const auto acc = acc_dtype(Wj.scalar_type());
   const bool widen = Wj.scalar_type() != acc;
-  const int64_t rows = std::max<int64_t>(16, (int64_t(256) << 10) / std::max<int64_t>(1, n * 4));
-  at::parallel_for(0, m, rows, [&](int64_t lo, int64_t hi) {
-    at::Tensor buf;
-    if (widen) buf = at::empty({std::min(rows, hi - lo), n}, Wj.options().dtype(acc));
-    for (int64_t i = lo; i < hi; i += rows) {
-      const int64_t b = std::min(rows, hi - i);
-      auto Bb = Bj.narrow(0, i, b);
-      auto Ob = out.narrow(0, i, b);
-      if (widen) {
-        auto tmp = buf.narrow(0, 0, b).copy_(Wj.narrow(0, i, b));
-        tmp.addmm_(Bb, Aj, 1, -1);
-        Ob.copy_(tmp);
-      } else if (inplace) {
-        Ob.addmm_(Bb, Aj, 1, -1);
-      } else {
-        at::addmm_out(Ob, Wj.narrow(0, i, b), Bb, Aj, 1, -1);
-      }
+  const int64_t rows = std::max<int64_t>(16, (int64_t(1) << 20) / std::max<int64_t>(1, n * 4));
+  at::Tensor buf;
+  if (widen) buf = at::empty({std::min(rows, m), n}, Wj.options().dtype(acc));
+  for (int64_t i = 0; i < m; i += rows) {
+    const int64_t b = std::min(rows, m - i);
+    auto Bb = Bj.narrow(0, i, b);
+    auto Ob = out.narrow(0, i, b);
+    if (widen) {
+      auto tmp = buf.narrow(0, 0, b).copy_(Wj.narrow(0, i, b));
+      tmp.addmm_(Bb, Aj, 1, -1);
+      Ob.copy_(tmp);
+    } else {
+      if (!inplace) Ob.copy_(Wj.narrow(0, i, b));
+      Ob.addmm_(Bb, Aj, 1, -1);
     }
-  });
+  }
 }
 
 void residual_inplace_cpu(at::TensorList W, const at::Tensor& B, const at::Tensor& A) {
