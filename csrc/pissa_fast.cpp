@@ -4,7 +4,6 @@
 // factors [b, ...]: a single matrix is a list of one, and a group of same-shape layers is one call
 // (one launch per pass on CUDA). Weights are read in their own dtype; factors are float32
 // (float64 for float64 weights).
-#include <Python.h>
 #include <torch/library.h>
 
 #ifdef PISSA_FAST_CUDA_ARCHS
@@ -12,6 +11,9 @@
 #else
 #define PISSA_FAST_BUILD "cpu"
 #endif
+
+#ifndef PISSA_FAST_NO_PYTHON  // the CMake (libtorch) build has no Python module
+#include <Python.h>
 
 extern "C" {
 // `import pissa_fast._C` only has to load the library so the TORCH_LIBRARY blocks run; the module
@@ -26,6 +28,7 @@ PyObject* PyInit__C(void) {
   return mod;
 }
 }
+#endif
 
 namespace pissa_fast {
 
