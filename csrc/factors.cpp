@@ -91,23 +91,31 @@ Factors svd_of_projection(const Tensor& P, const Tensor& C, int64_t r) {
   return {at::matmul(P, Uc), s, V};
 }
 
-// Rayleigh-Ritz from Q [b, n, L] (orthonormal), Y = W Q and Z = W^T W Q, all float64.
+// Rayleigh-Ritz from Q [b, n, L] (orthonormal), Y = W Q and Z = W^T W Q, all float64, using only
+// L x L Gram matrices and the final m x r / n x r products (no extra m x L or L x n buffers).
+//   Y^T Y = X s^2 X^T  ->  P = Y T, T = X s^-1, is an orthonormal basis of range(W Q);
+//   C = P^T W = T^T Z^T, so C C^T = T^T (Z^T Z) T = Uc sc^2 Uc^T and
+//   U = P Uc = Y (T Uc),  V = C^T Uc / sc = Z (T Uc) / sc.
 Factors rayleigh_ritz(const Tensor& Q, const Tensor& Y, const Tensor& Z, int64_t r, double tol) {
   const int64_t L = Q.size(-1);
-  auto [ev, X] = at::linalg_eigh(at::matmul(Y.mT(), Y));  // Y = (Y X s^-1) s X^T
+  auto [ev, X] = at::linalg_eigh(at::matmul(Y.mT(), Y));
   auto sig = ev.clamp_min(0).sqrt();
   auto smax = std::get<0>(sig.max(-1, /*keepdim=*/true));
   auto keep = sig > smax * tol;
   auto inv = at::where(keep, sig.reciprocal(), at::zeros_like(sig));
-  auto P = at::matmul(Y, X) * inv.unsqueeze(-2);           // orthonormal basis of range(W Q)
-  auto C = at::matmul(X.mT(), Z.mT()) * inv.unsqueeze(-1);  // P^T W, from W^T W Q
-  Factors left = svd_of_projection(P, C, r);
+  auto T = X * inv.unsqueeze(-2);
+  auto H = at::matmul(T.mT(), at::matmul(at::matmul(Z.mT(), Z), T));
+  auto [ec, Uc] = at::linalg_eigh(H);
+  auto top = at::arange(L - 1, L - 1 - r, -1, ev.options().dtype(at::kLong));
+  auto sc = ec.index_select(-1, top).clamp_min(0).sqrt();
+  auto TU = at::matmul(T, Uc.index_select(-1, top));
+  auto sinv = at::where(sc > 0, sc.reciprocal(), at::zeros_like(sc));
+  Factors left{at::matmul(Y, TU), sc, at::matmul(Z, TU) * sinv.unsqueeze(-2)};
   // Where fewer than r directions of W Q are numerically nonzero, the left step has nothing to
   // offer beyond them: use the right Rayleigh-Ritz W ~ (W Q) Q^T, which needs no division.
   auto enough = keep.sum(-1) >= r;  // [b]
   if (enough.all().item<bool>()) return left;
-  auto top = at::arange(L - 1, L - 1 - r, -1, ev.options().dtype(at::kLong));
-  Factors right{P.index_select(-1, top), sig.index_select(-1, top),
+  Factors right{at::matmul(Y, T.index_select(-1, top)), sig.index_select(-1, top),
                 at::matmul(Q, X.index_select(-1, top))};
   auto e3 = enough.view({-1, 1, 1}), e2 = enough.view({-1, 1});
   return {at::where(e3, left.U, right.U), at::where(e2, left.S, right.S), at::where(e3, left.V, right.V)};
@@ -162,17 +170,25 @@ Factors fused_passes(at::TensorList W, const Tensor& omega, int64_t r, int64_t n
     Yd = Y.to(at::kDouble);
     Zd = Z.to(at::kDouble);
   }
-  std::vector<Tensor> Qs{Q}, Ys{Yd}, Zs{Zd};
+  // The Krylov basis and its images, preallocated: block i lives in columns [i l, (i + 1) l).
+  const int64_t l = Q.size(-1), blocks = krylov ? niter + 1 : 1;
+  auto Qall = at::empty({Q.size(0), Q.size(1), l * blocks}, Q.options());
+  auto Yall = at::empty({Yd.size(0), Yd.size(1), l * blocks}, Q.options());
+  auto Zall = at::empty({Zd.size(0), Zd.size(1), l * blocks}, Q.options());
+  Qall.narrow(-1, 0, l).copy_(Q);
+  Yall.narrow(-1, 0, l).copy_(Yd);
+  Zall.narrow(-1, 0, l).copy_(Zd);
   for (int64_t i = 1; i <= niter; ++i) {
-    Tensor Qn = krylov ? orthonormalize_against(Zs.back(), at::cat(Qs, -1), normalizer)
-                       : orthonormalize(Zs.back(), normalizer);
+    const int64_t prev = krylov ? i - 1 : 0, next = krylov ? i : 0;
+    auto Zprev = Zall.narrow(-1, prev * l, l);
+    Tensor Qn = krylov ? orthonormalize_against(Zprev, Qall.narrow(-1, 0, i * l), normalizer)
+                       : orthonormalize(Zprev, normalizer);
     auto [Yi, Zi] = run(Qn, c);
-    if (!krylov) Qs.clear(), Ys.clear(), Zs.clear();
-    Qs.push_back(Qn);
-    Ys.push_back(Yi);
-    Zs.push_back(Zi);
+    Qall.narrow(-1, next * l, l).copy_(Qn);
+    Yall.narrow(-1, next * l, l).copy_(Yi);
+    Zall.narrow(-1, next * l, l).copy_(Zi);
   }
-  return rayleigh_ritz(at::cat(Qs, -1), at::cat(Ys, -1), at::cat(Zs, -1), r, tol);
+  return rayleigh_ritz(Qall, Yall, Zall, r, tol);
 }
 
 Factors halko(at::TensorList W, const Tensor& omega, int64_t r, int64_t niter, const std::string& normalizer) {

@@ -1,0 +1,166 @@
+#!/usr/bin/env python
+"""Issue-2 benchmark: pissa_fast.decompose against the peft path and torch.linalg.svd on
+REFERENCE.md's test matrix (m x n, s_i = i^-0.35, Haar-random singular vectors), r = 16,
+niter 1, 2, 4, 8, float32 and bfloat16, all measured side by side in one run.
+
+    python benchmarks/bench_core.py [--size 4096] [--rank 16] [--niters 1,2,4,8] [--repeats 5]
+
+Times are medians over interleaved repeats (after a warm-up) and include the residual. L1 is the
+mean |A - A*|, |B - B*| averaged (pissa_fast.error_vs_exact) against the exact float64 factors of the
+weight as stored (for bf16: of the bf16-rounded matrix). Peak extra memory is the growth of the peak RSS
+(VmHWM, reset just before the call) of a fresh subprocess that holds the weight and runs one
+decomposition.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import pissa_fast as pf  # noqa: E402
+
+
+def test_matrix(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    U, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=g))
+    V, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=g))
+    s = torch.arange(1, n + 1, dtype=torch.float64) ** -0.35
+    return (U * s) @ V.T, (U, s, V.T)
+
+
+def peft_path(W, r, niter):
+    """What peft's init_lora_weights="pissa_niter_N" does per layer (scaling 1)."""
+    w = W.float()
+    V, S, U = torch.svd_lowrank(w, q=r, niter=niter)  # peft's naming: svd_lowrank(W) = (V, S, U)
+    B = V * S.sqrt()
+    A = S.sqrt()[:, None] * U.T
+    residual = (w - B @ A).to(W.dtype)
+    return pf.Decomposition(A=A, B=B, S=S, residual=residual, method="peft", niter=niter)
+
+
+def time_interleaved(fns, repeats):
+    for f in fns.values():  # warm-up
+        f()
+    ts = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            f()
+            ts[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in ts.items()}
+
+
+MEM_SNIPPET = r"""
+import sys, torch, pissa_fast as pf
+torch.set_num_threads({threads})
+n, r, niter, which = {n}, {r}, {niter}, {which!r}
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+
+W = torch.empty(n, n, dtype=torch.bfloat16)
+for i in range(0, n, 64):  # no full-size float32 temporary while building the weight
+    W[i:i + 64] = torch.randn(min(64, n - i), n)
+pf.decompose(torch.randn(64, 64), 4, 1)  # load everything lazily initialised
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+base = status("VmRSS")
+if which == "pissa_fast_inplace":
+    pf.decompose(W, r, niter, inplace=True)
+elif which == "pissa_fast":
+    out = pf.decompose(W, r, niter)
+else:
+    w = W.float(); V, S, U = torch.svd_lowrank(w, q=r, niter=niter)
+    res = (w - (V * S.sqrt()) @ (S.sqrt()[:, None] * U.T)).to(W.dtype)
+print(status("VmHWM") - base)
+"""
+
+
+def peak_extra_memory(n, r, niter, which, threads):
+    code = MEM_SNIPPET.format(n=n, r=r, niter=niter, which=which, threads=threads)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd()] + sys.path))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=4096)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--niters", default="1,2,4,8")
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--json", default=None, help="write all measurements here")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    niters = [int(x) for x in args.niters.split(",")]
+    n, r = args.size, args.rank
+    print(f"# pissa_fast core benchmark  {time.strftime('%Y-%m-%d %H:%M')}")
+    print(f"torch {torch.__version__}, pissa_fast build {pf.build_info()}, {args.threads} threads, "
+          f"CPU {platform.processor() or platform.machine()}, matrix {n}x{n}, r={r}")
+    print(f"command: {' '.join([os.path.basename(sys.executable)] + sys.argv)}\n")
+    W64, exact64 = test_matrix(n)
+    rows, results = [], {"size": n, "rank": r, "threads": args.threads, "torch": torch.__version__, "rows": []}
+
+    for dname in args.dtypes.split(","):
+        dtype = getattr(torch, dname)
+        W = W64.to(dtype)
+        if dtype == torch.float32:
+            exact = exact64
+        else:  # the weight as stored is what both methods decompose
+            exact = pf.exact_factors(W.double())
+        t_svd = time_interleaved({"svd": lambda: torch.linalg.svd(W.float(), full_matrices=False)}, 1)["svd"]
+        print(f"## {dname}: torch.linalg.svd (float32, exact) {t_svd * 1e3:.0f} ms\n")
+        print("| niter | peft path | pissa_fast | pissa_fast inplace | time ratio (inplace / peft) "
+              "| L1 peft | L1 pissa_fast | L1 ratio |")
+        print("|---|---|---|---|---|---|---|---|")
+        for niter in niters:
+            Wc = W.clone()
+
+            def ours_inplace():
+                Wc.copy_(W)  # a fresh weight each time; the copy is timed separately and subtracted
+                return pf.decompose(Wc, r, niter, inplace=True)
+
+            t = time_interleaved({
+                "peft": lambda: peft_path(W, r, niter),
+                "ours": lambda: pf.decompose(W, r, niter),
+                "inplace": ours_inplace,
+                "copy": lambda: Wc.copy_(W),
+            }, args.repeats)
+            t["inplace"] = max(t["inplace"] - t["copy"], 0.0)
+            torch.manual_seed(0)
+            e_peft = pf.error_vs_exact(W64 if dtype == torch.float32 else W.double(), peft_path(W, r, niter), exact=exact)
+            e_ours = pf.error_vs_exact(W64 if dtype == torch.float32 else W.double(), pf.decompose(W, r, niter), exact=exact)
+            row = dict(dtype=dname, niter=niter, t_peft=t["peft"], t_ours=t["ours"], t_inplace=t["inplace"],
+                       t_svd=t_svd, l1_peft=e_peft.l1, l1_ours=e_ours.l1, err_peft=e_peft.as_dict(),
+                       err_ours=e_ours.as_dict())
+            results["rows"].append(row)
+            print(f"| {niter} | {t['peft'] * 1e3:.1f} ms | {t['ours'] * 1e3:.1f} ms | {t['inplace'] * 1e3:.1f} ms | "
+                  f"{t['inplace'] / t['peft']:.2f} | {e_peft.l1:.2e} | {e_ours.l1:.2e} | {e_ours.l1 / e_peft.l1:.3f} |")
+        print()
+
+    print("## bfloat16 peak extra memory (one decomposition, niter 4; weight itself excluded)\n")
+    wbytes = n * n * 2
+    print(f"| method | peak extra | as % of the weight ({wbytes / 2**20:.0f} MiB) |")
+    print("|---|---|---|")
+    mem = {}
+    for which in ["pissa_fast_inplace", "pissa_fast", "peft"]:
+        b = peak_extra_memory(n, r, 4, which, args.threads)
+        mem[which] = b
+        print(f"| {which} | {b / 2**20:.1f} MiB | {100 * b / wbytes:.1f}% |")
+    results["memory_bf16"] = mem
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
