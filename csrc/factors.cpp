@@ -71,7 +71,7 @@ Tensor orthonormalize(const Tensor& X, const std::string& normalizer) {
 // A block that is (numerically) inside span(Qprev) still yields an orthonormal complement.
 Tensor orthonormalize_against(const Tensor& X, const Tensor& Qprev, const std::string& normalizer) {
   auto project = [&](Tensor Y) { return Y - at::matmul(Qprev, at::matmul(Qprev.mT(), Y)); };
-  Tensor Q = orthonormalize(project(project(X)), normalizer);
+  Tensor Q = orthonormalize(project(X), normalizer);
   return orthonormalize(project(Q), normalizer);
 }
 
