@@ -176,13 +176,16 @@ def decompose_many(weights: Mapping[Any, torch.Tensor] | Sequence[torch.Tensor],
         return {} if is_map else []
     for key, w in items:
         _check_weight(None if _single else key, w, r, inplace)
-    if inplace:
-        ptrs = {}
+    if inplace:  # views of one storage are fine (a fused qkv's slices) as long as they are disjoint
+        spans = []
         for key, w in items:
-            p = (w.device, w.untyped_storage().data_ptr())
-            if p in ptrs and w.untyped_storage().nbytes() > 0:
-                raise ValueError(f"inplace=True: {_name(key)} shares storage with {_name(ptrs[p])}")
-            ptrs[p] = key
+            last = sum((size - 1) * abs(st) for size, st in zip(w.shape, w.stride()))
+            lo = w.data_ptr() - sum((size - 1) * abs(st) for size, st in zip(w.shape, w.stride()) if st < 0)
+            spans.append((w.device, lo, lo + (last + 1) * w.element_size(), key))
+        spans.sort(key=lambda s: (str(s[0]), s[1]))
+        for a, b in zip(spans, spans[1:]):
+            if a[0] == b[0] and b[1] < a[2]:
+                raise ValueError(f"inplace=True: {_name(b[3])} overlaps {_name(a[3])} in memory")
 
     meth = "exact" if niter is None else (method or "krylov")
     nit = 0 if niter is None else int(niter)

@@ -91,8 +91,16 @@ def test_overlapping_and_shared_storage_inplace():
     with pytest.raises(ValueError, match=r"overlap in memory"):
         pf.decompose(w, 2, 1, inplace=True)
     a = torch.randn(8, 6)
-    with pytest.raises(ValueError, match=r"shares storage"):
+    with pytest.raises(ValueError, match=r"weights\['y'\] overlaps weights\['x'\] in memory"):
         pf.decompose_many({"x": a, "y": a}, 2, 1, inplace=True)
+    with pytest.raises(ValueError, match=r"overlaps"):
+        pf.decompose_many([a[:5], a[4:]], 2, 1, inplace=True)
+    fused = torch.randn(24, 6)  # disjoint slices of one storage (a fused qkv) are fine
+    q, k = fused[:12], fused[12:]
+    q0, k0 = q.clone(), k.clone()
+    outs = pf.decompose_many({"q": q, "k": k}, 2, 1, inplace=True)
+    torch.testing.assert_close(outs["q"].residual + outs["q"].B @ outs["q"].A, q0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs["k"].residual + outs["k"].B @ outs["k"].A, k0, rtol=1e-5, atol=1e-5)
     w = torch.randn(8, 6)
     with pytest.raises(TypeError, match=r"weights must be a dict or a list"):
         pf.decompose_many(w, 2, 1)
