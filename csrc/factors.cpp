@@ -16,6 +16,7 @@
 // they cost O((m + n) l^2), nothing next to a pass over W, and keep the float32 passes the only
 // source of rounding error.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
@@ -30,25 +31,62 @@ namespace {
 
 using at::Tensor;
 
+// On CPU the small dense steps (tens of ATen calls on n x l and L x L tensors) are latency-bound:
+// each parallel region costs a barrier over all threads, which on a busy machine costs far more than
+// the work. They run on one thread; the passes over W get every thread back while they run.
+thread_local int full_threads = 0;
+
+struct SmallStepsOnOneThread {
+  explicit SmallStepsOnOneThread(bool cpu) {
+    const int n = at::get_num_threads();
+    if (cpu && n > 1 && full_threads == 0) {
+      full_threads = n;
+      at::set_num_threads(1);
+    }
+  }
+  ~SmallStepsOnOneThread() {
+    if (full_threads > 0 && owner) {
+      at::set_num_threads(full_threads);
+      full_threads = 0;
+    }
+  }
+  bool owner = full_threads == 0;
+};
+
+struct AllThreads {
+  AllThreads() {
+    if (full_threads > 1) at::set_num_threads(full_threads);
+  }
+  ~AllThreads() {
+    if (full_threads > 1) at::set_num_threads(1);
+  }
+};
+
 std::tuple<Tensor, Tensor> call_gram(at::TensorList W, const Tensor& V) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("pissa_fast::gram", "")
                        .typed<std::tuple<Tensor, Tensor>(at::TensorList, const Tensor&)>();
-  return op.call(W, V.contiguous());
+  auto Vc = V.contiguous();
+  AllThreads all;
+  return op.call(W, Vc);
 }
 
 Tensor call_wx(at::TensorList W, const Tensor& X) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("pissa_fast::wx", "")
                        .typed<Tensor(at::TensorList, const Tensor&)>();
-  return op.call(W, X.contiguous());
+  auto Xc = X.contiguous();
+  AllThreads all;
+  return op.call(W, Xc);
 }
 
 Tensor call_wtx(at::TensorList W, const Tensor& Y) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("pissa_fast::wtx", "")
                        .typed<Tensor(at::TensorList, const Tensor&)>();
-  return op.call(W, Y.contiguous());
+  auto Yc = Y.contiguous();
+  AllThreads all;
+  return op.call(W, Yc);
 }
 
 // Orthonormal basis of the columns of X [b, n, k], float64.
@@ -213,6 +251,7 @@ Factors halko(at::TensorList W, const Tensor& omega, int64_t r, int64_t niter, c
 }
 
 Factors exact(at::TensorList W, int64_t r) {
+  AllThreads all;  // a full SVD is big dense work
   std::vector<Tensor> U, S, V;
   for (const auto& w : W) {
     auto [u, s, vh] = at::linalg_svd(w.to(acc_dtype(w.scalar_type())), /*full_matrices=*/false);
@@ -231,6 +270,7 @@ std::tuple<Tensor, Tensor, Tensor> pissa_factors(at::TensorList W, const Tensor&
   const std::string method(method_sv), normalizer(normalizer_sv);
   const auto& w0 = W[0];
   const int64_t b = W.size(), m = w0.size(0), n = w0.size(1), k = std::min(m, n);
+  SmallStepsOnOneThread one_thread(w0.device().is_cpu());
   PF_CHECK(k > 0, op, "W must be non-empty, got shape ", w0.sizes());
   PF_CHECK(rank >= 1 && rank <= k, op, "rank must be in [1, min(m, n) = ", k, "], got ", rank);
   PF_CHECK(niter >= 0, op, "niter must be >= 0, got ", niter);
