@@ -129,7 +129,8 @@ def _default_budget(device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return max(256 << 20, min(4 << 30, free // 4))
-    return 512 << 20
+    return 0  # CPU: one matrix at a time; the CPU kernels loop over a group anyway, so batching buys nothing
+
 
 
 def decompose(weight: torch.Tensor, r: int, niter: int | None = 4, *, inplace: bool = False,
@@ -163,7 +164,8 @@ def decompose_many(weights: Mapping[Any, torch.Tensor] | Sequence[torch.Tensor],
     Weights sharing (shape, dtype, device) form a group whose passes run as one op call over all of
     its matrices (one kernel launch per pass on CUDA), each read where it lives: nothing is stacked
     but the small factors, and a group whose small factors would exceed max_batch_bytes (default:
-    512 MiB on CPU, a quarter of free memory up to 4 GiB on CUDA) is split. Each weight gets a test
+    a quarter of free memory up to 4 GiB on CUDA; 0 on CPU, i.e. one matrix per call, which keeps
+    the working set to one matrix's factors) is split. Each weight gets a test
     matrix drawn from `seed` exactly as decompose() would, so results match per-weight calls.
     Every weight is validated, and every factor computed, before any residual is written.
     """
