@@ -46,7 +46,7 @@ def default_oversample(r: int, niter: int | None, method: str = "krylov") -> int
     if niter is None or method == "exact":
         return 0
     if method == "krylov":
-        return max(2, r // 2) if niter <= 2 else 0
+        return max(8, r // 2) if niter <= 2 else 0
     return r
 
 
