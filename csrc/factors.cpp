@@ -253,7 +253,12 @@ Factors halko(at::TensorList W, const Tensor& omega, int64_t r, int64_t niter, c
 Factors exact(at::TensorList W, int64_t r) {
   AllThreads all;  // a full SVD is big dense work
   std::vector<Tensor> U, S, V;
-  for (const auto& w : W) {
+  for (size_t j = 0; j < W.size(); ++j) {
+    const auto& w = W[j];
+    // LAPACK fails on non-finite input with a convergence error; say what is wrong instead.
+    auto mm = at::aminmax(w);
+    TORCH_CHECK_VALUE(std::isfinite(std::get<0>(mm).item<double>()) && std::isfinite(std::get<1>(mm).item<double>()),
+                      "pissa_factors: W[", j, "] contains NaN or Inf");
     auto [u, s, vh] = at::linalg_svd(w.to(acc_dtype(w.scalar_type())), /*full_matrices=*/false);
     U.push_back(u.narrow(-1, 0, r));
     S.push_back(s.narrow(-1, 0, r));

@@ -48,7 +48,7 @@ def test_bad_weight(make, exc, match):
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
-@pytest.mark.parametrize("method", ["krylov", "halko"])
+@pytest.mark.parametrize("method", ["krylov", "halko", "exact"])
 def test_nan_inf_rejected_and_weight_untouched(dtype, value, method):
     w = torch.randn(40, 30).to(dtype)
     w[17, 3] = value
