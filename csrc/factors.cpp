@@ -196,10 +196,9 @@ Factors fused_passes(at::TensorList W, const Tensor& omega, int64_t r, int64_t n
     auto [Y, Z] = call_gram(W, (Qi * c).to(acc));
     return std::make_pair(Y.to(at::kDouble) / c, Z.to(at::kDouble) / c);
   };
-  Tensor c = at::ones({Q.size(0), 1, 1}, Q.options());
   auto [Y, Z] = call_gram(W, Q.to(acc));
   bool redo = false;
-  c = pass_scale(W, Y, Z, &redo);
+  const Tensor c = pass_scale(W, Y, Z, &redo);
   Tensor Yd, Zd;
   if (redo) {
     std::tie(Yd, Zd) = run(Q, c);

@@ -281,6 +281,19 @@ def _with_plain_init(peft_config, create):
     return result, original
 
 
+def _finish_pissa(peft_model, adapter_name, original, niter, before) -> None:
+    """Put the PiSSA setting back in the stored config, then run the fast init; on a bad layer,
+    restore the model as it was before peft touched it."""
+    stored = getattr(peft_model, "peft_config", {}).get(adapter_name)
+    if stored is not None:
+        stored.init_lora_weights = original
+    try:
+        pissa_init_layers(peft_model, adapter_name, niter)
+    except (ValueError, TypeError):
+        _undo(peft_model, adapter_name, before)
+        raise
+
+
 def get_peft_model(model, peft_config, adapter_name: str = "default", **kwargs: Any):
     """`peft.get_peft_model` (same arguments, same result) with a fast, batched PiSSA init.
 
@@ -293,14 +306,7 @@ def get_peft_model(model, peft_config, adapter_name: str = "default", **kwargs: 
     before = _state_before(model)
     peft_model, original = _with_plain_init(
         peft_config, lambda: peft.get_peft_model(model, peft_config, adapter_name=adapter_name, **kwargs))
-    stored = getattr(peft_model, "peft_config", {}).get(adapter_name)
-    if stored is not None:
-        stored.init_lora_weights = original
-    try:
-        pissa_init_layers(peft_model, adapter_name, niter)
-    except (ValueError, TypeError):
-        _undo(peft_model, adapter_name, before)
-        raise
+    _finish_pissa(peft_model, adapter_name, original, niter, before)
     return peft_model
 
 
@@ -313,14 +319,7 @@ def add_adapter(peft_model, adapter_name: str, peft_config, **kwargs: Any) -> No
     _, niter = pissa_niter(peft_config.init_lora_weights)
     before = _state_before(_inner(peft_model))
     _, original = _with_plain_init(peft_config, lambda: peft_model.add_adapter(adapter_name, peft_config, **kwargs))
-    stored = peft_model.peft_config.get(adapter_name)
-    if stored is not None:
-        stored.init_lora_weights = original
-    try:
-        pissa_init_layers(peft_model, adapter_name, niter)
-    except (ValueError, TypeError):
-        _undo(peft_model, adapter_name, before)
-        raise
+    _finish_pissa(peft_model, adapter_name, original, niter, before)
 
 
 __all__ = ["add_adapter", "get_peft_model", "pissa_init_layers", "pissa_niter"]
