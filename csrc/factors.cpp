@@ -100,7 +100,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> pissa_factors(at::TensorList 
   const auto acc = acc_dtype(w0.scalar_type());
   auto A = ((f.V * sign) * root.unsqueeze(-2)).mT().to(acc).contiguous();
   auto B = ((f.U * sign) * root.unsqueeze(-2)).to(acc).contiguous();
-  auto used = at::tensor(f.niter_used, at::TensorOptions().dtype(at::kLong)).to(w0.device());
+  auto used = host_index(f.niter_used, w0.device());
   return {A, B, f.S.to(acc).contiguous(), used, f.estimate.to(acc).contiguous()};
 }
 

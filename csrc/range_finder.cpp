@@ -143,9 +143,16 @@ Tensor pass_scale(at::TensorList W, const Tensor& Y, const Tensor& Z, bool* redo
   return scale.view({b, 1, 1});
 }
 
+}  // namespace
+
+// A host vector of int64 as a tensor on `device`: one copy whatever its length (at::tensor(vector)
+// would make one call per element).
 Tensor host_index(const std::vector<int64_t>& v, const at::Device& device) {
-  return at::tensor(v, at::TensorOptions().dtype(at::kLong)).to(device);
+  auto t = at::from_blob(const_cast<int64_t*>(v.data()), {int64_t(v.size())}, at::TensorOptions().dtype(at::kLong));
+  return t.to(device, /*non_blocking=*/false, /*copy=*/true);
 }
+
+namespace {
 
 }  // namespace
 
@@ -153,7 +160,10 @@ Factors fused_passes(at::TensorList W_all, const Tensor& omega, int64_t r, int64
                      const std::string& normalizer, const Stopping& stop, bool want_estimate) {
   const auto acc = omega.scalar_type();
   const auto dev = omega.device();
-  const double keep_tol = acc == at::kDouble ? 1e-9 : 1e-3;
+  // Directions of W Q kept by the Rayleigh-Ritz step: sig comes from eigh(Y^T Y), whose absolute
+  // error is about u64 ||Y||^2, i.e. sqrt(u64) ~ 1.5e-8 relative in sig; float32 passes add their
+  // own 1e-7 relative error to Y, which 1/sig would amplify.
+  const double keep_tol = acc == at::kDouble ? 1e-6 : 1e-3;
   const int64_t b = omega.size(0), n = omega.size(1), l = omega.size(2), m = W_all[0].size(0);
   const auto f64 = omega.options().dtype(at::kDouble);
   const bool stopping = krylov && stop.active() && niter >= 1;

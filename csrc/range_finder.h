@@ -27,6 +27,8 @@ struct Stopping {
 Factors fused_passes(at::TensorList W, const at::Tensor& omega, int64_t r, int64_t niter, bool krylov,
                      const std::string& normalizer, const Stopping& stop, bool want_estimate);
 
+at::Tensor host_index(const std::vector<int64_t>& v, const at::Device& device);
+
 Factors halko(at::TensorList W, const at::Tensor& omega, int64_t r, int64_t niter, const std::string& normalizer);
 
 }  // namespace pissa_fast
