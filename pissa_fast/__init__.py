@@ -5,7 +5,8 @@
     pissa_fast.error_vs_exact(weight, out)              # L1 vs exact SVD, reconstruction, excess
 """
 from ._ops import BUILD, ops
-from .core import Decomposition, decompose, decompose_many, default_oversample
+from .core import ESTIMATE_SLACK, Decomposition, decompose, decompose_many, default_oversample
+from .equivalence import svd_lowrank_equivalent
 from .metrics import ErrorReport, error_vs_exact, exact_factors
 
 __version__ = "0.1.0"
@@ -17,6 +18,6 @@ def build_info() -> str:
 
 
 __all__ = [
-    "Decomposition", "ErrorReport", "build_info", "decompose", "decompose_many", "default_oversample",
-    "error_vs_exact", "exact_factors", "ops",
+    "Decomposition", "ESTIMATE_SLACK", "ErrorReport", "build_info", "decompose", "decompose_many",
+    "default_oversample", "error_vs_exact", "exact_factors", "ops", "svd_lowrank_equivalent",
 ]
