@@ -16,6 +16,7 @@ DEFAULT_RANKS = (4, 16, 64)
 FULL_NITERS = (1, 2, 4, 8, 16, INF)
 FULL_RANKS = (1, 2, 4, 8, 16, 32, 64, 128)
 PF_METHODS = ("krylov", "subspace", "halko")
+DEFAULT_MATCH = (4, 16)  # peft's pissa_niter_4 and LLaMA-Factory's default pissa_iter 16
 
 
 # ----------------------------------------------------------------------------------------- arguments
@@ -33,6 +34,22 @@ def _niter_list(text: str):
     if not out:
         raise argparse.ArgumentTypeError("empty niter list")
     return sorted(out, key=rep.niter_key)
+
+
+def _match_list(text: str):
+    if text.strip().lower() in ("none", ""):
+        return []
+    out = []
+    for tok in text.split(","):
+        try:
+            v = parse_niter(tok)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{tok.strip()!r} is not a peft niter: {e}") from None
+        if v is None:
+            raise argparse.ArgumentTypeError("--match takes finite niters (peft's pissa_niter_N), not 'exact'")
+        if v not in out:
+            out.append(v)
+    return sorted(out)
 
 
 def _rank_list(text: str):
@@ -114,6 +131,10 @@ def add_arguments_bench(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--ranks", type=_rank_list, metavar="LIST",
                    help=f"comma-separated ranks (default {','.join(map(str, DEFAULT_RANKS))}; "
                         f"--full: {','.join(map(str, FULL_RANKS))})")
+    g.add_argument("--match", type=_match_list, default=list(DEFAULT_MATCH), metavar="LIST",
+                   help="the headline: for each peft niter N here, peft's pissa_niter_N against "
+                        "pissa_fast.svd_lowrank_equivalent(N, r) (at least as accurate, least work), timed "
+                        f"side by side (default {','.join(map(str, DEFAULT_MATCH))}; 'none' to skip)")
     g.add_argument("--full", action="store_true", help="the whole grid, as in the PiSSA paper's Table 6")
     g.add_argument("--repeats", type=_int_at_least(1), default=3, help="timed runs per cell, the median is reported (default 3)")
     g.add_argument("--warmup", type=_int_at_least(0), default=1, help="untimed runs before the timed ones of each cell (default 1)")

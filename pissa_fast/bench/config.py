@@ -86,6 +86,7 @@ def _command(args, cfg) -> str:
     if cfg["workload"].kind != "checkpoint":
         parts += ["--spectrum", cfg["workload"].spectrum, "--decay", f"{cfg['workload'].decay:g}"]
     parts += ["--niter", ",".join(map(str, cfg["niters"])), "--ranks", ",".join(map(str, cfg["ranks"])),
+              "--match", ",".join(map(str, cfg["match"])) or "none",
               "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--seed", str(args.seed),
               "--residual", args.residual, "--device", str(cfg["device"]), "--threads", str(cfg["threads"])]
     if args.pf_method:
@@ -123,6 +124,7 @@ def _resolve(args) -> dict:
     if os.path.exists(out) and not os.path.isdir(out):
         _fail(args, f"--out {out!r} exists and is not a folder")
     cfg = dict(device=device, workload=wl, niters=list(niters), ranks=list(ranks), whole_model=whole,
+               match=list(args.match),
                threads=threads, out=out, dtype=None if args.dtype is None else parse_dtype(args.dtype),
                sample=args.sample or ("projections" if wl.kind == "checkpoint" else "shapes"))
     cfg["command"] = _command(args, cfg)

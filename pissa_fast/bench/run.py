@@ -10,7 +10,6 @@ import time
 import torch
 
 from ..options import progress_enabled
-from . import report as rep
 from .config import _resolve
 from .environment import _clean, _describe, _dtype_name, _loadavg, _warn_if_busy, environment
 from .measure import INF, Runner, sync, truncated, whole_model
@@ -41,19 +40,20 @@ def _run(args) -> int:
     from tqdm import tqdm
 
     finite = [n for n in niters if n != INF]
-    per_matrix = 2 * len(finite) * len(ranks) + (2 if INF in niters else 0) + 1
+    per_matrix = 2 * len(finite) * len(ranks) + (2 if INF in niters else 0) + 1 + 2 * len(cfg["match"]) * len(ranks)
     whole_cells = 2 * len(finite) * len(ranks) if cfg["whole_model"] else 0
     bar = tqdm(total=per_matrix * len(wl.sampled) + whole_cells, unit="step", desc="bench",
                disable=args.no_progress or not progress_enabled(), file=sys.stderr, mininterval=0.5, dynamic_ncols=True)
     runner = Runner(device, repeats=args.repeats, warmup=args.warmup, seed=args.seed, residual=args.residual,
                     method=args.pf_method, oversample=args.oversample)
     t_start = time.perf_counter()
-    matrices, measurements = [], []
+    matrices, measurements, matched = [], [], []
     try:
         for spec in wl.sampled:
-            info, recs = _measure_matrix(spec, cfg, runner, bar)
+            info, recs, match = _measure_matrix(spec, cfg, runner, bar)
             matrices.append(info)
             measurements += recs
+            matched += match
         whole = _whole_model(cfg, wl, bar) if cfg["whole_model"] else None
     finally:
         bar.close()
@@ -69,8 +69,8 @@ def _run(args) -> int:
                           "decay": wl.decay if wl.kind != "checkpoint" else None,
                           "pf_method": args.pf_method, "oversample": args.oversample, "residual": args.residual,
                           "device": str(device), "threads": cfg["threads"], "whole_model": cfg["whole_model"],
-                          "time_aggregate": _time_label(wl)},
-               "matrices": matrices, "measurements": measurements}
+                          "time_aggregate": _time_label(wl), "match": cfg["match"]},
+               "matrices": matrices, "measurements": measurements, "matched": matched}
     if whole is not None:
         results["whole_model"] = whole
 
@@ -113,15 +113,23 @@ def _measure_matrix(spec, cfg, runner, bar):
     bar.update(1)
     info = spec.describe()
     info.update(dtype=_dtype_name(W.dtype), build_s=round(t_gen, 4), exact_f64_svd_s=round(t_exact, 4))
-    records = []
+    records, matched = [], []
 
-    def record(method, niter, r, t, times, out, once=False):
+    def record(method, niter, r, t, times, out, once=False, into=records):
         err = pissa_fast.error_vs_exact(W, out, exact)
         rec = dict(matrix=spec.name, shape=list(spec.shape), dtype=_dtype_name(W.dtype), count=spec.count,
                    method=method, niter=niter, r=r, time_s=t, times_s=times, **err.as_dict())
         if once:
             rec["timed_once_at_r"] = max(ranks)
-        records.append(rec)
+        if method.startswith("pissa_fast") and niter != INF:
+            est = getattr(out, "estimate", None)
+            if method == "pissa_fast" and cfg["pf_method"] in (None, "krylov"):
+                # The estimate beside the true error, made off the clock (it costs two more small
+                # Rayleigh-Ritz steps, and gives the same factors).
+                est = pissa_fast.decompose(W, r, niter, method=cfg["pf_method"], oversample=cfg["oversample"],
+                                           seed=cfg["seed"], estimate=True).estimate
+            rec.update(estimate=est, niter_used=getattr(out, "niter_used", niter))
+        into.append(rec)
 
     for niter in (n for n in niters if n != INF):
         for r in ranks:
@@ -137,7 +145,15 @@ def _measure_matrix(spec, cfg, runner, bar):
             for r in ranks:
                 record(method, INF, r, t, times, truncated(out, r), once=True)
             bar.update(1)
-    return info, records
+    # The headline: peft's pissa_niter_N against the pissa_fast call that promises its accuracy.
+    for N in cfg["match"]:
+        for r in ranks:
+            for method in ("peft", "pissa_fast_matched"):
+                bar.set_postfix_str(f"{short}: matched accuracy, {method} N {N} r {r}")
+                t, times, out = runner.run(method, W, r, N)
+                record(method, N, r, t, times, out, into=matched)
+                bar.update(1)
+    return info, records, matched
 
 
 def _whole_model(cfg, wl, bar):

@@ -44,11 +44,20 @@ def _text_report(results, niters, ranks, wl) -> str:
     if wl.is_model:
         parts.insert(0, f"({_time_label(wl)}; errors: means over the sampled weights weighted by the number "
                         "of weights each stands for)\n")
+    parts.append(rep.estimate_table(ms, niters, ranks))
     if results.get("whole_model"):
         parts += _whole_tables(results["whole_model"], niters, ranks, False)
+    match = results["config"].get("match") or []
+    if results.get("matched"):
+        parts.append(rep.matched_table(results["matched"], match, ranks))
     head = rep.headline(ms, niters, ranks)
     if head:
-        parts.append("summary:\n" + "\n".join("  " + h for h in head) + "\n")
+        parts.append("the grid's best (cheapest pissa_fast niter at least as accurate as peft's best niter):\n" +
+                     "\n".join("  " + h for h in head) + "\n")
+    top = rep.matched_headline(results.get("matched", []), match, ranks)
+    if top:
+        parts.append("HEADLINE, matched accuracy (pissa_fast.svd_lowrank_equivalent vs peft's pissa_niter_N):\n" +
+                     "\n".join("  " + h for h in top) + "\n")
     return "\n".join(parts)
 
 
@@ -75,13 +84,22 @@ def _markdown_report(results, niters, ranks, wl, header, plots) -> str:
     if wl.is_model:
         out += [f"Times: {_time_label(wl)}. Errors: means over the sampled weights, weighted by the number of "
                 "weights each stands for.", ""]
+    match = results["config"].get("match") or []
+    top = rep.matched_headline(results.get("matched", []), match, ranks)
+    if top:
+        out += ["## Headline: matched accuracy", "",
+                "peft's `pissa_niter_N` against `pissa_fast.decompose(W, r, **pissa_fast.svd_lowrank_equivalent(N, r))`"
+                " (each weight stops at the first niter whose estimated error is below what svd_lowrank is "
+                "predicted to make on it), timed side by side:", ""]
+        out += [f"- {h}" for h in top] + ["", rep.matched_table(results["matched"], match, ranks, markdown=True)]
     head = rep.headline(ms, niters, ranks)
     if head:
-        out += ["## Summary", ""] + [f"- {h}" for h in head] + [""]
+        out += ["## Summary of the grid", ""] + [f"- {h}" for h in head] + [""]
     out += ["## Time", ""]
     out += rep.time_tables(ms, niters, ranks, label="time" if wl.kind == "shape" else "estimated whole-model time",
                            markdown=True)
     out += ["## Errors", ""] + rep.error_tables(ms, niters, ranks, markdown=True, errors=rep.ERRORS + ("sv_rel",))
+    out += [rep.estimate_table(ms, niters, ranks, markdown=True)]
     if results.get("whole_model"):
         out += ["## Whole model (measured)", ""] + _whole_tables(results["whole_model"], niters, ranks, True)
     if len(results["matrices"]) > 1:
