@@ -138,7 +138,7 @@ Tensor pass_scale(at::TensorList W, const Tensor& Y, const Tensor& Z, bool* redo
     TORCH_CHECK_VALUE(std::isfinite(amax), "pissa_factors: W[", j, "] contains NaN or Inf");
     const double sj = s_cpu[j].item<double>();
     const double ref = std::isfinite(sj) && sj > 0 ? sj : amax;
-    if (ref > 0) scale[j] = 1.0 / ref;
+    if (ref > 0) scale[j] = std::ldexp(1.0, -std::ilogb(ref));  // a power of two: exact scaling
   }
   return scale.view({b, 1, 1});
 }
@@ -223,16 +223,19 @@ Factors fused_passes(at::TensorList W_all, const Tensor& omega, int64_t r, int64
   bool have_prev = false;
   // Finish the matrices at active positions `which`: their factors from the current Ritz step.
   auto finish = [&](const std::vector<int64_t>& which, int64_t L, int64_t used) {
-    auto idx = host_index(which, dev);
     std::vector<int64_t> orig;
     for (auto w : which) orig.push_back(pos[w]);
     auto oidx = host_index(orig, dev);
-    auto [U, S, V] = ritz_vectors(select(cur, idx), Qall.index_select(0, idx).narrow(-1, 0, L),
-                                  Yall.index_select(0, idx).narrow(-1, 0, L), Zall.index_select(0, idx).narrow(-1, 0, L));
+    // All the active matrices at once (the usual case) read the basis where it is: no copy of it.
+    const bool all = which.size() == W.size();
+    auto idx = all ? Tensor() : host_index(which, dev);
+    auto pick = [&](const Tensor& t) { return all ? t : t.index_select(0, idx); };
+    auto [U, S, V] = ritz_vectors(all ? cur : select(cur, idx), pick(Qall).narrow(-1, 0, L), pick(Yall).narrow(-1, 0, L),
+                                  pick(Zall).narrow(-1, 0, L));
     out.U.index_copy_(0, oidx, U);
     out.S.index_copy_(0, oidx, S);
     out.V.index_copy_(0, oidx, V);
-    if (est.defined()) out.estimate.index_copy_(0, oidx, est.index_select(0, idx));
+    if (est.defined()) out.estimate.index_copy_(0, oidx, pick(est));
     for (auto o : orig) out.niter_used[o] = used;
   };
 

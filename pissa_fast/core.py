@@ -14,9 +14,10 @@ from .options import WEIGHT_DTYPES
 
 METHODS = ("krylov", "subspace", "halko", "exact")
 # With tol, the true l1_rel error is at most ESTIMATE_SLACK * tol: the estimate measured at or above
-# the true error, or at most 2x below it, on fast- and slow-decay spectra and real weights
-# (tests/test_tol.py, benchmarks/RESULTS.md), above the float32 noise floor of about 1e-5.
-ESTIMATE_SLACK = 2.0
+# the true error, or below it by at most 1.4x on synthetic spectra and 2.2x on one of 42 real
+# SmolLM2-135M cases (tests/test_tol.py, benchmarks/RESULTS.md), above the float32 noise floor of
+# about 1e-5.
+ESTIMATE_SLACK = 3.0
 NORMALIZERS = ("qr", "cholqr2")
 
 
@@ -172,8 +173,8 @@ def decompose(weight: torch.Tensor, r: int, niter: int | None = 4, *, tol: float
         (pissa_fast.error_vs_exact(W, out).l1_rel: the paper's L1 error over the mean magnitude of
         the exact factors' entries) is <= tol. The estimate comes from the change of the Ritz vectors
         between the last passes (no extra read of W); measured on fast- and slow-decay spectra and on
-        real weights it is above the true l1_rel or within 2x below it, so the true l1_rel is
-        <= ESTIMATE_SLACK * tol = 2 tol. It cannot go below the float32 passes' noise, about 1e-5:
+        real weights it is above the true l1_rel or at most 2.2x below it, so the true l1_rel is
+        <= ESTIMATE_SLACK * tol = 3 tol. It cannot go below the float32 passes' noise, about 1e-5:
         a smaller tol runs to the niter cap. Method krylov only.
     like_svd_lowrank: N >= 0: stop at the first niter whose estimate is at most the error that
         torch.svd_lowrank(W, q=r, niter=N) (peft's pissa_niter_N) is predicted to make on this
