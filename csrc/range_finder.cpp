@@ -183,7 +183,12 @@ Factors fused_passes(at::TensorList W_all, const Tensor& omega, int64_t r, int64
   for (int64_t j = 0; j < b; ++j) pos[j] = j;
 
   Tensor Q = orthonormalize(omega.to(at::kDouble), normalizer);
+  // c: the per-matrix pass scale, undefined when every matrix is fine unscaled (the usual case).
   auto run = [&](const Tensor& Qi, const Tensor& c) {
+    if (!c.defined()) {
+      auto [Yi, Zi] = call_gram(W, Qi.to(acc));
+      return std::make_pair(Yi.to(at::kDouble), Zi.to(at::kDouble));
+    }
     auto [Yi, Zi] = call_gram(W, (Qi * c).to(acc));
     return std::make_pair(Yi.to(at::kDouble) / c, Zi.to(at::kDouble) / c);
   };
@@ -191,6 +196,7 @@ Factors fused_passes(at::TensorList W_all, const Tensor& omega, int64_t r, int64
   bool redo = false;
   Tensor c = pass_scale(W, Y0, Z0, &redo);
   Tensor Yd, Zd;
+  if (!redo) c = Tensor();
   if (redo) {
     std::tie(Yd, Zd) = run(Q, c);
     TORCH_CHECK_VALUE(at::isfinite(Zd).all().item<bool>(), "pissa_factors: a weight contains NaN or Inf");
@@ -289,7 +295,7 @@ Factors fused_passes(at::TensorList W_all, const Tensor& omega, int64_t r, int64
     Zall = Zall.index_select(0, keep);
     YY = YY.index_select(0, keep);
     ZZ = ZZ.index_select(0, keep);
-    c = c.index_select(0, keep);
+    if (c.defined()) c = c.index_select(0, keep);
     prev = select(prev, keep);
     cur = prev;
     est = est.index_select(0, keep);
