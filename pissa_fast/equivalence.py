@@ -21,7 +21,8 @@ def svd_lowrank_equivalent(niter: int, r: int) -> dict:
     actual l1_rel and the estimate at or above the true one (benchmarks/RESULTS.md, synthetic and
     SmolLM2-135M weights), so both err towards more accuracy. The cap is niter itself: block Krylov
     at niter N with at least r columns per block is never less accurate than subspace iteration at
-    N, so a weight whose estimate never meets the target still keeps the promise.
+    N, so a weight whose estimate never meets the target still keeps the promise. Where both have
+    converged to float32's rounding (l1_rel below about 1e-5), which of the two is closer is noise.
     """
     if isinstance(niter, bool) or not isinstance(niter, numbers.Integral) or niter < 0:
         raise ValueError(f"niter must be an int >= 0 (peft's pissa_niter_N), got {niter!r}")
