@@ -51,12 +51,12 @@ Ritz ritz(const Tensor& YY, const Tensor& ZZ, int64_t r, double keep_tol) {
   auto keep = sig > smax * keep_tol;
   auto inv = at::where(keep, sig.reciprocal(), at::zeros_like(sig));
   auto T = X * inv.unsqueeze(-2);
-  auto H = at::matmul(T.mT(), at::matmul(ZZ, T));
+  auto H = at::bmm(T.mT(), at::bmm(ZZ, T));
   auto [ec, Uc] = small_eigh(H);
   auto top = at::arange(L - 1, L - 1 - r, -1, ev.options().dtype(at::kLong));
   Ritz out;
   out.sc = ec.index_select(-1, top).clamp_min(0).sqrt();
-  out.TU = at::matmul(T, Uc.index_select(-1, top));
+  out.TU = at::bmm(T, Uc.index_select(-1, top));
   out.s_next = L > r ? ec.select(-1, L - 1 - r).clamp_min(0).sqrt() : at::zeros_like(ec.select(-1, 0));
   out.Tr = T.index_select(-1, top);
   out.Xr = X.index_select(-1, top);
@@ -74,21 +74,21 @@ Ritz select(const Ritz& a, const Tensor& idx) {
 // (U, S, V) from a Ritz step and the basis it was taken on.
 std::tuple<Tensor, Tensor, Tensor> ritz_vectors(const Ritz& z, const Tensor& Q, const Tensor& Y, const Tensor& Z) {
   auto sinv = at::where(z.sc > 0, z.sc.reciprocal(), at::zeros_like(z.sc));
-  auto U = at::matmul(Y, z.TU);
-  auto V = at::matmul(Z, z.TU) * sinv.unsqueeze(-2);
+  auto U = at::bmm(Y, z.TU);
+  auto V = at::bmm(Z, z.TU) * sinv.unsqueeze(-2);
   // One sync for the group: only where fewer than r directions of W Q are numerically nonzero does
   // the left step have nothing to offer beyond them; there the right step needs no division.
   if (z.enough.all().item<bool>()) return {U, z.sc, V};
   auto e3 = z.enough.view({-1, 1, 1}), e2 = z.enough.view({-1, 1});
-  return {at::where(e3, U, at::matmul(Y, z.Tr)), at::where(e2, z.sc, z.sig_r), at::where(e3, V, at::matmul(Q, z.Xr))};
+  return {at::where(e3, U, at::bmm(Y, z.Tr)), at::where(e2, z.sc, z.sig_r), at::where(e3, V, at::bmm(Q, z.Xr))};
 }
 
 // Change of each Ritz pair between two consecutive steps (prev's basis is a prefix of cur's).
 Tensor ritz_change(const Ritz& prev, const Ritz& cur, const Tensor& YY, const Tensor& ZZ) {
   const int64_t Lp = prev.TU.size(1);
-  auto cu = (prev.TU * at::matmul(YY.narrow(1, 0, Lp), cur.TU)).sum(-2).abs();
+  auto cu = (prev.TU * at::bmm(YY.narrow(1, 0, Lp), cur.TU)).sum(-2).abs();
   auto ss = prev.sc * cur.sc;
-  auto cv = (prev.TU * at::matmul(ZZ.narrow(1, 0, Lp), cur.TU)).sum(-2).abs();
+  auto cv = (prev.TU * at::bmm(ZZ.narrow(1, 0, Lp), cur.TU)).sum(-2).abs();
   cv = at::where(ss > 0, cv / ss, at::ones_like(cv));
   auto du = (2 - 2 * cu.clamp_max(1)).clamp_min(0).sqrt();
   auto dv = (2 - 2 * cv.clamp_max(1)).clamp_min(0).sqrt();
@@ -215,8 +215,8 @@ Factors fused_passes(at::TensorList W_all, const Tensor& omega, int64_t r, int64
     Zall.narrow(-1, blk * l, l).copy_(Zi);
     // New block row and column of the Gram matrices (symmetric).
     const int64_t L = (blk + 1) * l;
-    auto yy = at::matmul(Yall.narrow(-1, 0, L).mT(), Yi);  // [b, L, l]
-    auto zz = at::matmul(Zall.narrow(-1, 0, L).mT(), Zi);
+    auto yy = at::bmm(Yall.narrow(-1, 0, L).mT(), Yi);  // [b, L, l]
+    auto zz = at::bmm(Zall.narrow(-1, 0, L).mT(), Zi);
     YY.narrow(1, 0, L).narrow(2, blk * l, l).copy_(yy);
     YY.narrow(1, blk * l, l).narrow(2, 0, L).copy_(yy.mT());
     ZZ.narrow(1, 0, L).narrow(2, blk * l, l).copy_(zz);
@@ -309,15 +309,15 @@ Factors fused_passes(at::TensorList W_all, const Tensor& omega, int64_t r, int64
 
 // Top-r SVD of C [b, k, n] given as C = P^T W for an orthonormal P [b, m, k]: U = P Uc.
 static Factors svd_of_projection(const Tensor& P, const Tensor& C, int64_t r) {
-  auto [ev, Uc] = small_eigh(at::matmul(C, C.mT()));
+  auto [ev, Uc] = small_eigh(at::bmm(C, C.mT()));
   const int64_t k = ev.size(-1);
   auto top = at::arange(k - 1, k - 1 - r, -1, ev.options().dtype(at::kLong));
   auto s = ev.index_select(-1, top).clamp_min(0).sqrt();
   Uc = Uc.index_select(-1, top);
   auto inv = at::where(s > 0, s.reciprocal(), at::zeros_like(s));
-  auto V = at::matmul(C.mT(), Uc) * inv.unsqueeze(-2);
+  auto V = at::bmm(C.mT(), Uc) * inv.unsqueeze(-2);
   Factors f;
-  f.U = at::matmul(P, Uc);
+  f.U = at::bmm(P, Uc);
   f.S = s;
   f.V = V;
   return f;

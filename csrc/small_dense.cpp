@@ -78,9 +78,9 @@ namespace {
 // about u^-1/2, so two more plain sweeps make it orthonormal. One host sync per sweep, for the whole
 // group. Returns (Q, whether any matrix needed the shift).
 std::pair<Tensor, bool> cholqr_sweep(const Tensor& X) {
-  auto G = at::matmul(X.mT(), X);
+  auto G = at::bmm(X.mT(), X);
   auto [L, info] = at::linalg_cholesky_ex(G);
-  const bool failed = info.ne(0).any().item<bool>();
+  const bool failed = info.any().item<bool>();
   if (failed) {
     const int64_t n = X.size(-2), k = X.size(-1);
     const double u = std::numeric_limits<double>::epsilon() / 2;
@@ -115,14 +115,15 @@ Tensor orthonormalize(const Tensor& X, const std::string& normalizer) {
 }
 
 Tensor orthonormalize_against(const Tensor& X, const Tensor& Qprev, const std::string& normalizer) {
-  auto project = [&](const Tensor& Y) { return Y - at::matmul(Qprev, at::matmul(Qprev.mT(), Y)); };
-  Tensor Q = orthonormalize(project(X), normalizer);
-  Q = project(Q);
-  if (normalizer == "qr") return std::get<0>(at::linalg_qr(Q));
-  // Q is orthonormal to working accuracy before this projection, so one sweep restores it
-  // (two when the projection removed nearly all of a column and the shift was needed).
-  auto [Q2, shifted] = cholqr_sweep(Q);
-  if (shifted) Q2 = cholqr_sweep(Q2).first;
+  auto project = [&](const Tensor& Y) { return at::baddbmm(Y, Qprev, at::bmm(Qprev.mT(), Y), 1, -1); };
+  if (normalizer == "qr") return orthonormalize(project(orthonormalize(project(X), normalizer)), normalizer);
+  // Block Gram-Schmidt twice with one CholeskyQR sweep each (BCGS2): the second projection and
+  // sweep are the reorthogonalization that CholeskyQR2's second sweep would be. A block the
+  // projection nearly annihilated takes the shifted path, and one more sweep after it.
+  auto [Q, shifted] = cholqr_sweep(project(X));
+  if (shifted) Q = cholqr_sweep(Q).first;
+  auto [Q2, shifted2] = cholqr_sweep(project(Q));
+  if (shifted2) Q2 = cholqr_sweep(Q2).first;
   return Q2;
 }
 
