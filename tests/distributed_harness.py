@@ -1,4 +1,4 @@
-"""Run a function on N ranks (spawned processes, gloo on CPU, one thread each) and collect what each
+"""Run a function on N ranks (processes, gloo on CPU, one thread each) and collect what each
 returned or raised. Used by tests/test_distributed*.py. A rank that hangs or dies fails the test within
 `timeout` seconds instead of blocking the suite; every collective also times out (COLLECTIVE_TIMEOUT_S).
 """
@@ -49,12 +49,21 @@ def _entry(fn, rank, world, init_file, results, env):
     os._exit(0)  # skip interpreter teardown: gloo / deepspeed threads can hold it for tens of seconds
 
 
-def run_ranks(fn, world: int = 2, timeout: float = 180, env: dict | None = None) -> list:
-    """fn(rank, world) on `world` spawned ranks; returns each rank's return value in rank order.
-    Raises AssertionError when a rank raised outside fn's own handling, hung, or died."""
+def run_ranks(fn, world: int = 2, timeout: float = 180, env: dict | None = None, preload: tuple = ()) -> list:
+    """fn(rank, world) on `world` ranks; returns each rank's return value in rank order.
+    Raises AssertionError when a rank raised outside fn's own handling, hung, or died.
+
+    Ranks are forked from this process after importing `preload` here (torch, peft, ... take seconds
+    to import on a 2-core machine, once instead of once per rank), as torch's DataLoader forks its
+    workers; each rank uses one thread. Where fork is unavailable they are spawned.
+    """
+    import importlib
+
     import torch
 
-    ctx = mp.get_context("spawn")
+    for module in preload:
+        importlib.import_module(module)
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     results = ctx.Queue()
     got: dict[int, tuple] = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -201,7 +201,7 @@ def _all_scenarios(rank, world):
 
 @pytest.fixture(scope="module")
 def ranks():
-    return run_ranks(_all_scenarios, world=2)
+    return run_ranks(_all_scenarios, world=2, preload=("torch.distributed.fsdp", "torch.distributed.tensor.parallel"))
 
 
 def _facts(ranks, scenario):
