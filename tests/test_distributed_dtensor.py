@@ -40,6 +40,32 @@ def _compare(out, ref, full_residual) -> dict:
                 digest=_digest(out.A, out.B, out.S))
 
 
+def _instrument():
+    """Count full-weight buffers (allocated, alive at once) and bytes sent point to point on this rank."""
+    import weakref
+
+    import torch.distributed as dist
+    from pissa_fast.distributed import sharded
+
+    stats = {"buffers": 0, "alive": 0, "most_alive": 0, "sent": 0}
+    make, send = sharded.new_full, dist.send
+
+    def new_full(*args, **kwargs):
+        t = make(*args, **kwargs)
+        stats["buffers"] += 1
+        stats["alive"] += 1
+        stats["most_alive"] = max(stats["most_alive"], stats["alive"])
+        weakref.finalize(t, lambda: stats.__setitem__("alive", stats["alive"] - 1))
+        return t
+
+    def counted_send(tensor, *args, **kwargs):
+        stats["sent"] += tensor.numel() * tensor.element_size()
+        return send(tensor, *args, **kwargs)
+
+    sharded.new_full, dist.send = new_full, counted_send
+    return stats
+
+
 def _references(dtype, names, transpose=(), seeds=None):
     import pissa_fast
     from pissa_fast.distributed import weight_seed
@@ -68,9 +94,11 @@ def _fsdp(dtype):
     names = [f"{i}.weight" for i in range(len(model))]
     weights = {n: model.get_submodule(n.rsplit(".", 1)[0]).weight.detach() for n in names}
     placements = {n: str(w.placements) for n, w in weights.items()}
+    stats = _instrument()
     outs = pissa_fast.decompose_many(weights, R, NITER, inplace=True, seed=SEED)
+    facts = {"_stats": dict(stats)}
     refs = _references(dtype, names)
-    facts = {n: _compare(outs[n], refs[n], weights[n].full_tensor()) for n in names}
+    facts.update({n: _compare(outs[n], refs[n], weights[n].full_tensor()) for n in names})
     # the residual is the parameter itself: FSDP2's own all-gather sees it
     facts["_in_param"] = all(outs[n].residual is weights[n] for n in names)
     facts["_placements"] = placements
@@ -231,6 +259,9 @@ def test_fsdp2_fully_shard_matches_single_process(ranks, scenario):
     assert per_rank[0]["_placements"]["0.weight"] == "(Shard(dim=0),)"
     _assert_matches_reference(per_rank, [f"{i}.weight" for i in range(3)])
     assert all(f["_in_param"] for f in per_rank)
+    # 132, 99 and 90 elements: rank 0 owns the largest, rank 1 the two others, one after the other
+    assert [f["_stats"]["buffers"] for f in per_rank] == [1, 2]
+    assert [f["_stats"]["most_alive"] for f in per_rank] == [1, 1]
 
 
 @pytest.mark.parametrize("scenario", ["tp_fp32", "tp_fp16"])

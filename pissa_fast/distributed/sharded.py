@@ -137,15 +137,18 @@ def decompose_sharded(weights, r, niter=4, *, inplace=False, method=None, oversa
                                 out=full if j == mine else None)
             out, error = None, None
             if sh is not None:
-                out, error = _owner_step(lambda: decompose(full, r, niter, inplace=True, seed=seed_for(
-                    seed, sh.key, is_map), **opts))
+                def factor():
+                    d = decompose(full, r, niter, inplace=True, seed=seed_for(seed, sh.key, is_map), **opts)
+                    return d.A, d.B, d.S  # not d.residual: the buffer must go before the next round's
+
+                out, error = _owner_step(factor)
                 error = error and _with_name(error, sh.name, me)
                 del full
             raise_if_any_failed(error, _WHAT)
             for j in rnd:
                 s = shards[sharded[j]]
-                mine_out = (out.A, out.B, out.S) if j == mine else None
-                factors[j] = broadcast_factors(mine_out, s.shape, r, _acc(s.dtype), owners[j], me, dev[j])
+                factors[j] = broadcast_factors(out if j == mine else None, s.shape, r, _acc(s.dtype), owners[j], me,
+                                               dev[j])
             if bar is not None:
                 bar.update(len(rnd))
     finally:
