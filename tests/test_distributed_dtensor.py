@@ -135,7 +135,7 @@ def _replicate_list_and_copy():
     dts = [distribute_tensor(full[0].clone(), mesh, [Replicate()]), distribute_tensor(full[1].clone(), mesh, [Shard(1)]),
            distribute_tensor(full[2].clone(), mesh, [Shard(0)])]
     before = [d.to_local().clone() for d in dts]
-    outs = pissa_fast.decompose_many(dts, R, NITER, inplace=False, seed=SEED)
+    outs = pissa_fast.decompose_many(dts, R, NITER, inplace=False, seed=SEED, progress=True)
     refs = [pissa_fast.decompose(w, R, NITER, seed=SEED) for w in full]
     facts = {f"list[{i}]": _compare(o, ref, o.residual.full_tensor()) for i, (o, ref) in enumerate(zip(outs, refs))}
     facts["_untouched"] = all(torch.equal(d.to_local(), b) for d, b in zip(dts, before))
@@ -308,3 +308,31 @@ def test_a_failing_rank_fails_every_rank_with_its_message_and_writes_nothing(ran
         assert gen.type == "TypeError" and "generator=" in gen.message and "seed=" in gen.message
         leaf = e["grad_leaf"]["raised"]
         assert leaf.type == "ValueError" and "leaf tensor that requires grad" in leaf.message
+
+
+def _one_rank_never_calls(rank, world):
+    """Rank 1 leaves without calling decompose_many (it crashed elsewhere); rank 0 must not hang."""
+    import time
+
+    if rank == 1:
+        return "left"
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    import pissa_fast
+
+    mesh = init_device_mesh("cpu", (2,))
+    w = DTensor.from_local(torch.randn(4, 6), mesh, [Shard(0)], run_check=False, shape=(8, 6), stride=(6, 1))
+    t0 = time.monotonic()
+    try:
+        pissa_fast.decompose_many({"w": w}, R, NITER, inplace=True)
+    except Exception as e:  # noqa: BLE001
+        return {"raised": RankError(e), "seconds": time.monotonic() - t0}
+    return {"raised": None}
+
+
+def test_a_rank_that_dies_outside_the_call_fails_the_others_instead_of_hanging():
+    out = run_ranks(_one_rank_never_calls, world=2, timeout=120)
+    assert out[1] == "left"
+    assert out[0]["raised"] is not None, "rank 0 went on without rank 1"
+    assert out[0]["seconds"] < 100  # the connection closing (or the collective timeout), not a hang
