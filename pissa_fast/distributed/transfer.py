@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from .._ops import ops
-from .shards import Flat, Rect
+from .shards import Rect
 
 
 def new_full(shape, dtype, device, colmajor: bool) -> torch.Tensor:
