@@ -161,8 +161,10 @@ def decompose_sharded(weights, r, niter=4, *, inplace=False, method=None, oversa
     def local_factors():
         for i, sh in enumerate(shards):
             if sh.kind == LOCAL:
-                src = sh.local.clone() if inplace else sh.local
-                local_out[i] = decompose(src, r, niter, inplace=inplace, seed=seed_for(seed, sh.key, is_map), **opts)
+                d = decompose(sh.local.clone() if inplace else sh.local, r, niter, inplace=inplace,
+                              seed=seed_for(seed, sh.key, is_map), **opts)
+                # in place: keep the factors only, so one copy of a weight exists at a time
+                local_out[i] = (d.A, d.B, d.S) if inplace else d
 
     if any(sh.kind == LOCAL for sh in shards):
         _, error = _owner_step(local_factors)
@@ -190,8 +192,9 @@ def decompose_sharded(weights, r, niter=4, *, inplace=False, method=None, oversa
     for i, d in local_out.items():
         sh = shards[i]
         if inplace:
-            write_residual(sh.local, Rect(0, sh.shape[0], 0, sh.shape[1]), d.A, d.B, sh.shape[1])
-            d = Decomposition(A=d.A, B=d.B, S=d.S, residual=sh.tensor, method=meth, niter=niter)
+            A, B, S = d
+            write_residual(sh.local, Rect(0, sh.shape[0], 0, sh.shape[1]), A, B, sh.shape[1])
+            d = Decomposition(A=A, B=B, S=S, residual=sh.tensor, method=meth, niter=niter)
         results[i] = d
     if is_map:
         return {sh.key: res for sh, res in zip(shards, results)}
