@@ -165,6 +165,7 @@ def decompose_sharded(weights, r, niter=4, *, inplace=False, method=None, oversa
                               seed=seed_for(seed, sh.key, is_map), **opts)
                 # in place: keep the factors only, so one copy of a weight exists at a time
                 local_out[i] = (d.A, d.B, d.S) if inplace else d
+                del d
 
     if any(sh.kind == LOCAL for sh in shards):
         _, error = _owner_step(local_factors)
