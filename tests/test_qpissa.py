@@ -92,12 +92,15 @@ def test_other_formats_are_exact_too(quant, blocksize):
     assert out.spec == spec and out.exact and nf4.round_trip_exact(out.residual, spec)
 
 
-def test_double_quant_reports_exactness_truthfully():
+@pytest.mark.parametrize("qdtype", QDTYPES, ids=QIDS)
+def test_double_quant_reports_exactness_truthfully(qdtype):
+    spec = QuantSpec(double_quant=True)
     for seed in range(3):
-        W = llm_like(64, 128, seed=seed)
+        W = llm_like(64, 128, qdtype, seed=seed)
         out = qpissa(W, 4, iters=2, double_quant=True)
-        spec = QuantSpec(double_quant=True)
         assert out.exact == nf4.round_trip_exact(out.residual, spec)
+        if qdtype == torch.bfloat16:  # the statistics settle on bf16's coarse grid (see nf4.py)
+            assert out.exact
         # A, B are fitted to the residual that is returned, whatever the settling did.
         assert quant_error(W, out.residual, out.A, out.B) == pytest.approx(out.error, rel=1e-2)
 

@@ -128,21 +128,70 @@ def round_trip_exact(x: torch.Tensor, spec: QuantSpec) -> bool:
     return torch.equal(F.dequantize_4bit(p, st), x)
 
 
-@torch.no_grad()
-def fixed_point(packed, state, spec: QuantSpec, *, max_rounds: int = 32):
-    """From codes (packed, state), the tensor R = dequantize(codes) that a 4-bit load reproduces:
-    re-quantizes R until quantize(R) dequantizes to R again.
+def _nested_absmax(F, state) -> torch.Tensor:
+    """The float32 block scales a nested (double-quantized) QuantState dequantizes with, as
+    bnb.functional.dequantize_4bit computes them."""
+    absmax = F.dequantize_blockwise(state.absmax, state.state2)
+    absmax += state.offset
+    return absmax.float()
 
-    Without double quantization the first R already is one (see the module docstring), and this costs
-    one extra quantization to confirm it. With it, each pass moves the absmax statistics' mean a little
-    and it may take several passes, or not settle within max_rounds (then R is the last dequantized
-    tensor and a load changes it by about 1e-4 of its norm). Returns (packed, state, R, exact, passes):
-    passes = 0 when the first R was already reproduced."""
-    R = dequantize(packed, state)
+
+def _largest_codes(F, packed, state) -> torch.Tensor:
+    """Per block, the largest |code| present (1 for any block that came out of quantize_4bit, 0 for
+    an all-zero block): the block's absmax after a load is that code times its scale, rounded."""
+    unit = F.QuantState(absmax=torch.ones_like(_nested_absmax(F, state) if state.nested else state.absmax),
+                        shape=state.shape, code=state.code, blocksize=state.blocksize,
+                        quant_type=state.quant_type, dtype=torch.float32)
+    flat = F.dequantize_4bit(packed, unit).reshape(-1).abs()
+    pad = (-flat.numel()) % state.blocksize
+    return torch.nn.functional.pad(flat, (0, pad)).view(-1, state.blocksize).amax(1)
+
+
+@torch.no_grad()
+def _settle_statistics(F, packed, state, max_rounds):
+    """Double quantization: a load re-derives each block's absmax from R = dtype(code * scale) as
+    dtype(scale) (times the block's largest code), then re-quantizes that vector around its new mean,
+    which differs from the old one, so R moves. The codes themselves do not move (R / absmax stays
+    within a rounding of each code, far from the NF4 decision boundaries), so the fixed point is
+    searched on the absmax vector alone, numel / blocksize values per pass instead of the tensor.
+    bf16 settles within ~25 passes in our tests; fp16/fp32 often wander (their finer grid lets the
+    mean drift every pass). Returns (state, settled, moved)."""
+    cmax = _largest_codes(F, packed, state)
+    b = _nested_absmax(F, state)
     for passes in range(max_rounds):
+        a = (cmax * b).to(state.dtype).float()  # what a load measures as each block's absmax
+        offset = a.mean()
+        qabsmax, state2 = F.quantize_blockwise(a - offset, blocksize=DOUBLE_QUANT_BLOCKSIZE)
+        nxt = F.QuantState(absmax=qabsmax, shape=state.shape, code=state.code, blocksize=state.blocksize,
+                           quant_type=state.quant_type, dtype=state.dtype, offset=offset, state2=state2)
+        b2 = _nested_absmax(F, nxt)
+        if torch.equal(b2, b):
+            return state, True, passes > 0
+        state, b = nxt, b2
+    return state, False, True
+
+
+@torch.no_grad()
+def fixed_point(packed, state, spec: QuantSpec, *, max_rounds: int = 64):
+    """From codes (packed, state), the tensor R = dequantize(codes) that a 4-bit load reproduces.
+
+    Without double quantization the first R already is one (see the module docstring); this costs one
+    quantization of R to confirm it (and falls back to re-quantizing R until it stops moving, should
+    it not be). With double quantization the absmax statistics are settled first (see
+    _settle_statistics), which may not succeed within max_rounds: then R is the last dequantized
+    tensor, a load changes it by ~1e-4 of its norm, and exact is False.
+    Returns (packed, state, R, exact, changed): changed when R differs from dequantize(codes given)."""
+    F = bnb_functional()
+    moved = False
+    if spec.double_quant and state.nested:
+        state, _, moved = _settle_statistics(F, packed, state, max_rounds)
+    R = dequantize(packed, state)
+    for rounds in range(max_rounds):
         p2, st2 = quantize(R, spec)
         R2 = dequantize(p2, st2)
         if torch.equal(R2, R):
-            return packed, state, R, True, passes
+            return packed, state, R, True, moved or rounds > 0
+        if spec.double_quant:  # the statistics did not settle: R stays what the codes give
+            return packed, state, R, False, moved
         packed, state, R = p2, st2, R2
-    return packed, state, R, False, max_rounds
+    return packed, state, R, False, True

@@ -208,8 +208,8 @@ def qpissa_many(weights: Mapping[Any, torch.Tensor] | Sequence[torch.Tensor], r:
         packed, state = b["codes"]
         exact, error, fields = None, b["error"], b["fields"]
         if verify:
-            packed, state, R, exact, passes = nf4.fixed_point(packed, state, spec)
-            if passes:  # the load settles R elsewhere: refit the factors to what it will give
+            packed, state, R, exact, changed = nf4.fixed_point(packed, state, spec)
+            if changed:  # the load settles R elsewhere: refit the factors to what it will give
                 fields = _fields(decompose_many([torch.sub(w, R)], r, niter, inplace=True, **kw)[0])
                 error = quant_error(w, R, fields["A"], fields["B"])
         else:
