@@ -301,7 +301,7 @@ def environment() -> dict:
     import bitsandbytes
     import peft
     return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "argv": ["pissa-fast"] + sys.argv[1:] if os.path.basename(sys.argv[0]) == "pissa-fast" else sys.argv,
+            "argv": ["pissa-fast"] + sys.argv[1:] if sys.argv[0].endswith(("pissa-fast", "cli.py")) else sys.argv,
             "torch": torch.__version__, "bitsandbytes": bitsandbytes.__version__, "peft": peft.__version__,
             "python": platform.python_version(), "cpu": cpu, "threads": torch.get_num_threads(),
             "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-ROWS_ELEMENTS = 1 << 20  # elements per row chunk
+ROWS_ELEMENTS = 1 << 18  # elements per row chunk (float64 temporaries of 2 MiB each)
 
 
 def _rows(m: int, n: int):

@@ -15,7 +15,7 @@ that exact:
 
 On CPU bnb's quantize_4bit is plain torch code whose temporaries are ~20 bytes per element (a float32
 copy, scaled values, int32 codes); `quantize` runs it on row chunks of at most CHUNK_ELEMENTS elements
-(whole blocks, so the result is bitwise the whole-tensor call) to bound that to ~80 MB.
+(whole blocks, so the result is bitwise the whole-tensor call) to bound that to ~20 MB.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bnb's quantize_4bit accepts
 QUANT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what it quantizes
 DOUBLE_QUANT_BLOCKSIZE = 256  # bnb's fixed blocksize for the absmax statistics
-CHUNK_ELEMENTS = 1 << 22
+CHUNK_ELEMENTS = 1 << 20
 BNB_VERSION = "0.50.2"
 INSTALL_HINT = f"pip install 'pissa_fast[quant]' (or: pip install bitsandbytes=={BNB_VERSION})"
 

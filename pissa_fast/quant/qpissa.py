@@ -16,7 +16,7 @@ bitsandbytes (and so through transformers' BitsAndBytesConfig(load_in_4bit=True)
 Memory, per weight of a call: besides W itself, one working buffer in W's dtype (W - B A, then
 W - R, then the top-r step's in-place residual, in turn), the packed codes of the current and of the
 best round (1/4 of a bf16 weight each) and the float32 factors; for one weight at a time, R_t again
-while its error is measured (in row chunks), and bnb's chunked quantizer temporaries (~80 MB, see
+while its error is measured (in row chunks), and bnb's chunked quantizer temporaries (~20 MB, see
 nf4.py). No float32 copy of a bf16/fp16 weight is made. Callers bound the peak by the group they pass
 in: about 1.5x the group's weights in their own dtype, plus one weight.
 """
