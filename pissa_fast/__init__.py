@@ -7,6 +7,7 @@
 from ._ops import BUILD, ops
 from .core import Decomposition, decompose, decompose_many, default_oversample
 from .metrics import ErrorReport, error_vs_exact, exact_factors
+from .quant import QPiSSADecomposition, qpissa, qpissa_many
 
 __version__ = "0.1.0"
 
@@ -18,5 +19,5 @@ def build_info() -> str:
 
 __all__ = [
     "Decomposition", "ErrorReport", "build_info", "decompose", "decompose_many", "default_oversample",
-    "error_vs_exact", "exact_factors", "ops",
+    "error_vs_exact", "exact_factors", "ops", "QPiSSADecomposition", "qpissa", "qpissa_many",
 ]
