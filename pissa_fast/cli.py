@@ -13,6 +13,7 @@ SUBCOMMANDS = {
     "bench": ("pissa_fast.bench", "benchmark niter x rank against exact SVD and the peft path"),
     "init": ("pissa_fast.checkpoint", "PiSSA-initialize a transformers checkpoint, streaming its shards"),
     "convert-to-lora": ("pissa_fast.checkpoint", "turn a trained PiSSA adapter into a LoRA for the base model"),
+    "bench-finetune": ("pissa_fast.finetune.cli", "fine-tune a real LLM with LoRA vs PiSSA: loss curves, the paper's Figures 2-3"),
 }
 
 

@@ -1,0 +1,137 @@
+"""The paper's figures, redrawn from results.json's curves (matplotlib, Agg backend, PNG files).
+
+- fig2_1_loss_vs_step.png: training loss vs step, one panel per rank, LoRA against PiSSA (and QLoRA
+  against QPiSSA when present), with an inset zoomed on the first steps (the paper's Figure 2.1);
+- fig2_2_final_loss_vs_rank.png: final loss vs rank for every method (Figure 2.2);
+- fig3_components.png: principal vs middle vs minor singular components, LoRA as a grey reference,
+  one panel per rank (Figure 3).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+from .methods import ALL_METHOD_NAMES, METHODS
+
+_FALLBACK_COLORS = {"qlora": "#ff7f0e", "qpissa": "#17becf"}
+
+
+def _style(name: str) -> tuple[str, str]:
+    m = METHODS.get(name)
+    if m is not None:
+        return m.label, m.color
+    return name, _FALLBACK_COLORS.get(name, "#7f7f7f")
+
+
+def _ordered(names) -> list[str]:
+    return sorted(names, key=lambda n: ALL_METHOD_NAMES.index(n) if n in ALL_METHOD_NAMES else 99)
+
+
+def _finite(values):
+    return [v if isinstance(v, (int, float)) and math.isfinite(v) else float("nan") for v in values]
+
+
+def _zoom_steps(steps: int) -> int:
+    return max(2, min(10, steps // 4)) if steps >= 8 else steps
+
+
+def _panels(plt, n: int, title: str):
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.0 * rows), squeeze=False)
+    fig.suptitle(title, fontsize=12)
+    flat = [ax for row in axes for ax in row]
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]
+
+
+def _loss_panels(plt, curves, methods, ranks, title, reference=None):
+    fig, axes = _panels(plt, len(ranks), title)
+    for ax, rank in zip(axes, ranks):
+        drawn = []
+        if reference and rank in curves.get(reference, {}):
+            ys = _finite(curves[reference][rank])
+            label, _ = _style(reference)
+            ax.plot(range(1, len(ys) + 1), ys, color="#999999", lw=1.2, ls="--", label=label)
+            drawn.append((reference, ys, "#999999", "--"))
+        for name in methods:
+            if rank not in curves.get(name, {}):
+                continue
+            ys = _finite(curves[name][rank])
+            label, color = _style(name)
+            ax.plot(range(1, len(ys) + 1), ys, color=color, lw=1.6, label=label)
+            drawn.append((name, ys, color, "-"))
+        ax.set_title(f"rank r = {rank}")
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss (answer tokens)")
+        ax.grid(alpha=0.3)
+        steps = max((len(ys) for _, ys, _, _ in drawn), default=0)
+        zoom = _zoom_steps(steps)
+        if drawn and zoom < steps:
+            # The inset sits in the upper right, where the curves have already fallen.
+            inset = ax.inset_axes([0.45, 0.45, 0.52, 0.5])
+            for _, ys, color, ls in drawn:
+                inset.plot(range(1, zoom + 1), ys[:zoom], color=color, lw=1.4, ls=ls, marker="o", ms=2.5)
+            inset.set_title(f"first {zoom} steps", fontsize=8)
+            inset.tick_params(labelsize=7)
+            inset.grid(alpha=0.3)
+        if drawn:
+            ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def write_plots(results: dict, out_dir: str) -> list[str]:
+    """Draw every figure the results allow into out_dir; return the file names written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = results["curves"]
+    ranks = sorted({r for per in curves.values() for r in per}, key=int)
+    model = results.get("model", {}).get("name", "model")
+    written = []
+
+    main = _ordered(n for n in curves if n in ("lora", "pissa", "qlora", "qpissa"))
+    if main and ranks:
+        fig = _loss_panels(plt, curves, main, ranks, f"Training loss, LoRA vs PiSSA ({model})")
+        fig.savefig(os.path.join(out_dir, "fig2_1_loss_vs_step.png"), dpi=110)
+        plt.close(fig)
+        written.append("fig2_1_loss_vs_step.png")
+
+    finals = results.get("final_loss", {})
+    if finals and ranks:
+        fig, ax = plt.subplots(figsize=(6.2, 4.4))
+        for name in _ordered(finals):
+            pts = sorted(((int(r), v) for r, v in finals[name].items()
+                          if isinstance(v, (int, float)) and math.isfinite(v)))
+            if not pts:
+                continue
+            label, color = _style(name)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=color, marker="o", lw=1.6, label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([int(r) for r in ranks])
+        ax.set_xticklabels(ranks)
+        ax.set_xlabel("rank r")
+        window = results.get("final_window", 1)
+        ax.set_ylabel(f"final training loss (mean of last {window} steps)")
+        ax.set_title(f"Final loss vs rank ({model})", fontsize=11)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "fig2_2_final_loss_vs_rank.png"), dpi=110)
+        plt.close(fig)
+        written.append("fig2_2_final_loss_vs_rank.png")
+
+    comps = [n for n in ("pissa", "pissa_middle", "pissa_minor") if n in curves]
+    if any(n in curves for n in ("pissa_middle", "pissa_minor")):
+        comp_ranks = sorted({r for n in comps for r in curves[n]}, key=int)
+        fig = _loss_panels(plt, curves, comps, comp_ranks,
+                           f"Principal vs middle vs minor singular components ({model})",
+                           reference="lora" if "lora" in curves else None)
+        fig.savefig(os.path.join(out_dir, "fig3_components.png"), dpi=110)
+        plt.close(fig)
+        written.append("fig3_components.png")
+    return written
