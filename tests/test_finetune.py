@@ -172,6 +172,25 @@ def test_component_adapters_keep_the_model_and_hold_the_chosen_components(name, 
         assert layer.lora_A["default"].weight.requires_grad and not layer.get_base_layer().weight.requires_grad
 
 
+def test_exact_svds_are_shared_between_runs_and_recomputed_when_the_weight_changes(monkeypatch):
+    calls = []
+    real_svd = torch.linalg.svd
+
+    def counting_svd(*a, **k):
+        calls.append(1)
+        return real_svd(*a, **k)
+
+    monkeypatch.setattr(torch.linalg, "svd", counting_svd)
+    cache = {}
+    for which in ("middle", "minor"):
+        pm = M.get_method(f"pissa_{which}").build(tiny_llama(40), M.AdapterSettings(r=2, lora_alpha=2.0,
+                                                                                       svd_cache=cache))
+    assert len(calls) == 14 == len(cache)  # 2 layers x 7 projections, decomposed once for both methods
+    model = tiny_llama(40, seed=1)  # other weights under the same names: recomputed, not reused
+    M.get_method("pissa_minor").build(model, M.AdapterSettings(r=2, lora_alpha=2.0, svd_cache=cache))
+    assert len(calls) == 28
+
+
 def test_every_method_trains_the_same_parameters():
     counts = {}
     for name in M.METHODS:
@@ -227,7 +246,34 @@ def test_two_step_smoke_run_writes_results_report_and_plots(tiny_checkpoint, tmp
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png
     report = (out / "report.md").read_text()
     assert "fig2_1_loss_vs_step.png" in report and "| 2 | pissa_minor |" in report
-    assert "What this shows and what it does not" in report
+    assert "What this shows and what it does not" in report and "Partial run" not in report
+
+
+def test_an_interrupted_run_keeps_the_finished_runs(tiny_checkpoint, tmp_path, monkeypatch):
+    """Ctrl-C during the third run: results.json, report.md and the plots hold the two finished ones."""
+    from pissa_fast.cli import main
+    from pissa_fast.finetune import run as R
+
+    real = R.run_method
+    seen = []
+
+    def stop_on_third(*a, **k):
+        seen.append(1)
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(R, "run_method", stop_on_third)
+    out = tmp_path / "out"
+    assert main(["bench-finetune", "--model", tiny_checkpoint, "--steps", "2", "--batch-size", "1", "--ranks", "1,2",
+                 "--methods", "lora,pissa,pissa_minor", "--out", str(out), "--no-progress"]) == 130
+    res = json.loads((out / "results.json").read_text())
+    assert res["partial"] is True
+    # LoRA and PiSSA at every rank come first (the headline figures), components after.
+    assert {m: sorted(v) for m, v in res["curves"].items()} == {"lora": ["1"], "pissa": ["1"]}
+    report = (out / "report.md").read_text()
+    assert "Partial run" in report and "lora r=2, pissa r=2, pissa_minor r=1, pissa_minor r=2" in report
+    assert (out / "fig2_1_loss_vs_step.png").exists()
 
 
 def test_run_rejects_bad_arguments_before_writing(tiny_checkpoint, tmp_path, capsys):

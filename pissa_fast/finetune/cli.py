@@ -139,6 +139,9 @@ def run(args) -> int:
     except ValueError as e:
         print(f"pissa-fast bench-finetune: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"pissa-fast bench-finetune: interrupted; the finished runs are in {out}", file=sys.stderr)
+        return 130
     from .report import headline
 
     for line in headline(results):

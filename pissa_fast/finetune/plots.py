@@ -1,10 +1,10 @@
 """The paper's figures, redrawn from results.json's curves (matplotlib, Agg backend, PNG files).
 
-- fig2_1_loss_vs_step.png: training loss vs step, one panel per rank, LoRA against PiSSA (and QLoRA
-  against QPiSSA when present), with an inset zoomed on the first steps (the paper's Figure 2.1);
+- fig2_1_loss_vs_step.png: training loss vs step, one column per rank, LoRA against PiSSA (and QLoRA
+  against QPiSSA when present), with a row zoomed on the first steps (the paper's Figure 2.1);
 - fig2_2_final_loss_vs_rank.png: final loss vs rank for every method (Figure 2.2);
 - fig3_components.png: principal vs middle vs minor singular components, LoRA as a grey reference,
-  one panel per rank (Figure 3).
+  one column per rank (Figure 3).
 """
 from __future__ import annotations
 
@@ -31,53 +31,51 @@ def _finite(values):
     return [v if isinstance(v, (int, float)) and math.isfinite(v) else float("nan") for v in values]
 
 
-def _zoom_steps(steps: int) -> int:
-    return max(2, min(10, steps // 4)) if steps >= 8 else steps
-
-
-def _panels(plt, n: int, title: str):
-    cols = min(n, 3)
-    rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.0 * rows), squeeze=False)
-    fig.suptitle(title, fontsize=12)
-    flat = [ax for row in axes for ax in row]
-    for ax in flat[n:]:
-        ax.set_visible(False)
-    return fig, flat[:n]
+def _zoom_steps(steps: int) -> int | None:
+    """How many first steps the zoom row shows; None when the whole run is short enough to read as is."""
+    zoom = max(4, steps // 4)
+    return zoom if steps > 2 * zoom else None
 
 
 def _loss_panels(plt, curves, methods, ranks, title, reference=None):
-    fig, axes = _panels(plt, len(ranks), title)
-    for ax, rank in zip(axes, ranks):
-        drawn = []
+    """One column per rank: loss vs step on top and, for longer runs, the first steps zoomed below (a row
+    of its own rather than an inset, so it never hides the curves)."""
+    from matplotlib.ticker import MaxNLocator
+
+    steps = max((len(curves[n][r]) for n in [*methods, reference] if n in curves for r in ranks
+                 if r in curves[n]), default=0)
+    zoom = _zoom_steps(steps)
+    rows = 2 if zoom else 1
+    fig, axes = plt.subplots(rows, len(ranks), figsize=(5.0 * len(ranks), 3.6 * rows + 0.6), squeeze=False,
+                             gridspec_kw={"height_ratios": [3, 2] if zoom else [1]})
+    fig.suptitle(title, fontsize=12)
+    for col, rank in enumerate(ranks):
+        lines = []
         if reference and rank in curves.get(reference, {}):
-            ys = _finite(curves[reference][rank])
-            label, _ = _style(reference)
-            ax.plot(range(1, len(ys) + 1), ys, color="#999999", lw=1.2, ls="--", label=label)
-            drawn.append((reference, ys, "#999999", "--"))
+            lines.append((_style(reference)[0], _finite(curves[reference][rank]), "#999999", "--"))
         for name in methods:
-            if rank not in curves.get(name, {}):
-                continue
-            ys = _finite(curves[name][rank])
-            label, color = _style(name)
-            ax.plot(range(1, len(ys) + 1), ys, color=color, lw=1.6, label=label)
-            drawn.append((name, ys, color, "-"))
+            if rank in curves.get(name, {}):
+                label, color = _style(name)
+                lines.append((label, _finite(curves[name][rank]), color, "-"))
+        ax = axes[0][col]
+        for label, ys, color, ls in lines:
+            ax.plot(range(1, len(ys) + 1), ys, color=color, lw=1.6, ls=ls, label=label)
         ax.set_title(f"rank r = {rank}")
         ax.set_xlabel("step")
         ax.set_ylabel("training loss (answer tokens)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        steps = max((len(ys) for _, ys, _, _ in drawn), default=0)
-        zoom = _zoom_steps(steps)
-        if drawn and zoom < steps:
-            # The inset sits in the upper right, where the curves have already fallen.
-            inset = ax.inset_axes([0.45, 0.45, 0.52, 0.5])
-            for _, ys, color, ls in drawn:
-                inset.plot(range(1, zoom + 1), ys[:zoom], color=color, lw=1.4, ls=ls, marker="o", ms=2.5)
-            inset.set_title(f"first {zoom} steps", fontsize=8)
-            inset.tick_params(labelsize=7)
-            inset.grid(alpha=0.3)
-        if drawn:
-            ax.legend(loc="lower left", fontsize=8)
+        if lines:
+            ax.legend(fontsize=8, loc="best")
+        if zoom:
+            zax = axes[1][col]
+            for label, ys, color, ls in lines:
+                zax.plot(range(1, min(zoom, len(ys)) + 1), ys[:zoom], color=color, lw=1.6, ls=ls, marker="o", ms=3)
+            zax.set_title(f"zoom: first {zoom} steps, r = {rank}", fontsize=10)
+            zax.set_xlabel("step")
+            zax.set_ylabel("training loss")
+            zax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            zax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
 
@@ -91,7 +89,7 @@ def write_plots(results: dict, out_dir: str) -> list[str]:
 
     curves = results["curves"]
     ranks = sorted({r for per in curves.values() for r in per}, key=int)
-    model = results.get("model", {}).get("name", "model")
+    model = results.get("model", {}).get("name", "model").split(" (")[0]  # the short name fits a title
     written = []
 
     main = _ordered(n for n in curves if n in ("lora", "pissa", "qlora", "qpissa"))

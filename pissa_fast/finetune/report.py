@@ -120,6 +120,16 @@ def headline(results: dict) -> list[str]:
     return out
 
 
+def _missing(results: dict) -> list[str]:
+    """The (method, rank) runs a partial benchmark did not finish, as a paragraph (nothing when complete)."""
+    s = results["settings"]
+    todo = [f"{m} r={r}" for m in s["methods"] for r in s["ranks"] if str(r) not in results["curves"].get(m, {})]
+    if not todo:
+        return []
+    return [f"**Partial run**: stopped before {len(todo)} of {len(s['methods']) * len(s['ranks'])} runs "
+            f"finished ({', '.join(todo)}); their rows and curves are missing.", ""]
+
+
 def write_report(results: dict, out_dir: str, plots: list[str]) -> str:
     s, env = results["settings"], results["environment"]
     methods = _ordered(results["curves"])
@@ -144,6 +154,7 @@ def write_report(results: dict, out_dir: str, plots: list[str]) -> str:
         "- every method trains the same number of parameters on the same batches with the same "
         "hyperparameters and seed; only the initialization differs",
         "",
+        *_missing(results),
         "## Headline",
         "",
         *headline(results),

@@ -173,46 +173,59 @@ def _run(out, model, cache_dir, methods, ranks, steps, batch_size, lr, lora_alph
 
         bar = tqdm(total=len(methods) * len(ranks) * steps, desc="fine-tuning", unit="step")
     svd_cache: dict = {}
+    interrupted = False
     try:
-        for r in ranks:
+        for name, r in run_order(methods, ranks):
             alpha = float(r) if lora_alpha is None else float(lora_alpha)
             adapter = M.AdapterSettings(r=r, lora_alpha=alpha, niter=niter, svd_cache=svd_cache)
-            for name in methods:
+            if bar is not None:
+                bar.set_postfix_str(f"{name} r={r}: building the adapter")
+
+            def on_step(i, loss, name=name, r=r):
                 if bar is not None:
-                    bar.set_postfix_str(f"{name} r={r}: building the adapter")
+                    bar.update(1)
+                    bar.set_postfix_str(f"{name} r={r} loss {loss:.3f}")
 
-                def on_step(i, loss, name=name, r=r):
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix_str(f"{name} r={r} loss {loss:.3f}")
-
-                res = run_method(load_model, M.get_method(name), adapter, batches, lr, seed, on_step=on_step)
-                if bar is not None and len(res.losses) < steps:
-                    bar.update(steps - len(res.losses))
-                key = str(r)
-                results["curves"].setdefault(name, {})[key] = res.losses
-                tail = res.losses[-FINAL_WINDOW:]
-                results["final_loss"].setdefault(name, {})[key] = (
-                    statistics.fmean(tail) if res.diverged_at is None else float("nan"))
-                results["runs"].setdefault(name, {})[key] = {
-                    "init_s": round(res.init_s, 3), "train_s": round(res.train_s, 2),
-                    "s_per_step": round(res.train_s / max(1, len(res.losses)), 3),
-                    "trainable_params": res.trainable, "diverged_at": res.diverged_at}
-                save()
-            counts = {results["runs"][n][str(r)]["trainable_params"] for n in methods}
-            if len(counts) != 1:  # a bug in a builder, not a measurement: stop and say so
-                raise RuntimeError(f"r = {r}: methods train different numbers of parameters: "
-                                   f"{ {n: results['runs'][n][str(r)]['trainable_params'] for n in methods} }")
+            res = run_method(load_model, M.get_method(name), adapter, batches, lr, seed, on_step=on_step)
+            if bar is not None and len(res.losses) < steps:
+                bar.update(steps - len(res.losses))
+            key = str(r)
+            results["curves"].setdefault(name, {})[key] = res.losses
+            tail = res.losses[-FINAL_WINDOW:]
+            results["final_loss"].setdefault(name, {})[key] = (
+                statistics.fmean(tail) if res.diverged_at is None else float("nan"))
+            results["runs"].setdefault(name, {})[key] = {
+                "init_s": round(res.init_s, 3), "train_s": round(res.train_s, 2),
+                "s_per_step": round(res.train_s / max(1, len(res.losses)), 3),
+                "trainable_params": res.trainable, "diverged_at": res.diverged_at}
+            counts = {n: per[key]["trainable_params"] for n, per in results["runs"].items() if key in per}
+            if len(set(counts.values())) != 1:  # a bug in a builder, not a measurement: stop and say so
+                raise RuntimeError(f"r = {r}: methods train different numbers of parameters: {counts}")
+            save()
+    except KeyboardInterrupt:
+        # Keep what was measured: the report and plots below say the run is partial.
+        interrupted = True
+        log("interrupted: writing the report and plots of the runs that finished")
     finally:
         if bar is not None:
             bar.close()
         env["loadavg_end"] = loadavg()
         save()
 
-    results["partial"] = False
+    results["partial"] = interrupted
     save()
-    written = write_plots(results, out) if plots else []
+    written = write_plots(results, out) if plots and results["curves"] else []
     write_report(results, out, written)
     save()
     log(f"wrote {out}/results.json, report.md" + (", " + ", ".join(written) if written else ""))
+    if interrupted:
+        raise KeyboardInterrupt
     return results
+
+
+def run_order(methods: Sequence[str], ranks: Sequence[int]) -> list[tuple[str, int]]:
+    """LoRA-vs-PiSSA runs (Figures 2.1 and 2.2) at every rank first, then the component runs (Figure 3),
+    so a benchmark stopped early still has the headline comparison complete."""
+    first = [m for m in methods if "2" in getattr(M.METHODS.get(m), "figures", ())]
+    rest = [m for m in methods if m not in first]
+    return [(m, r) for group in (first, rest) for r in ranks for m in group]
