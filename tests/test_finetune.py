@@ -294,3 +294,13 @@ def test_run_rejects_bad_arguments_before_writing(tiny_checkpoint, tmp_path, cap
     with pytest.raises(ValueError, match="lr must be"):
         run_finetune(out=str(out), model=tiny_checkpoint, lr=-1.0)
     assert not out.exists()
+
+
+def test_prepare_only_prints_the_checkpoint_folder(tiny_checkpoint, capsys):
+    """The folder `pissa-fast bench --model "$(pissa-fast bench-finetune --prepare-only)"` reads."""
+    import os
+
+    from pissa_fast.cli import main
+
+    assert main(["bench-finetune", "--prepare-only", "--model", tiny_checkpoint]) == 0
+    assert capsys.readouterr().out.strip() == os.path.abspath(tiny_checkpoint)

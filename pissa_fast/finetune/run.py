@@ -23,7 +23,10 @@ from .task import make_batches
 from .train import run_method
 
 DEFAULT_RANKS = (1, 4, 16)
-DEFAULT_STEPS = 30
+# 12 runs x 24 steps of batch 8 (about 600 tokens each): the default is sized for the 15 minutes the
+# issue allows on a quiet 2-core machine, from its measurement there (about 0.9 s per step); this
+# project's machine was too busy to confirm it (see README), so it is an extrapolation.
+DEFAULT_STEPS = 24
 DEFAULT_BATCH = 8
 DEFAULT_LR = 2e-4
 DEFAULT_NITER = 4
@@ -157,6 +160,11 @@ def _run(out, model, cache_dir, methods, ranks, steps, batch_size, lr, lora_alph
         "answer_tokens_per_batch_mean": round(statistics.mean(answer_tokens), 1),
     }
     env = environment()
+    load = env.get("loadavg_start")
+    if load and load[0] > (os.cpu_count() or 1) * 0.5 + 0.25:
+        log(f"note: load average {load[0]} on {os.cpu_count()} CPUs: other work is running, so this will be slow"
+            + ("; with several torch threads every step waits for descheduled threads, --threads 1 suffers "
+               "far less" if torch.get_num_threads() > 1 else ""))
     results = {"benchmark": "pissa-fast bench-finetune", "command": command or "run_finetune(...)",
                "model": model_info, "settings": settings, "environment": env, "final_window": FINAL_WINDOW,
                "curves": {}, "final_loss": {}, "runs": {}, "partial": True, "wall_s": 0.0}
