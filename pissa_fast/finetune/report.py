@@ -109,7 +109,7 @@ def headline(results: dict) -> list[str]:
         reach = _first_step_below(pi, level)
         line = (f"- r = {rank}: at step {k} PiSSA's loss is {_fmt(pi[k - 1])} against LoRA's {_fmt(lo[k - 1])}; "
                 f"final {_fmt(finals['pissa'][r])} against {_fmt(level)}")
-        if reach is not None:
+        if reach is not None and finals["pissa"][r] < level:  # else a single easy batch could be the "reach"
             line += f"; PiSSA is at LoRA's final loss by step {reach} of {len(lo)}"
         out.append(line + ".")
     for r in (str(x) for x in results["settings"]["ranks"]):
