@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "init": ("pissa_fast.checkpoint", "PiSSA-initialize a transformers checkpoint, streaming its shards"),
     "convert-to-lora": ("pissa_fast.checkpoint", "turn a trained PiSSA adapter into a LoRA for the base model"),
     "bench-qpissa": ("pissa_fast.quant.bench", "QPiSSA vs LoftQ vs QLoRA: 4-bit quantization error and time per layer"),
+    "bench-finetune": ("pissa_fast.finetune.cli", "fine-tune a real LLM with LoRA vs PiSSA: loss curves, the paper's Figures 2-3"),
 }
 
 
