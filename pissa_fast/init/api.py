@@ -24,10 +24,11 @@ from ..errors import CheckpointError
 from ..hf.checkpoint import Checkpoint, open_checkpoint, resolve_source
 from ..io.staging import inside
 from ..options import format_bytes, parse_niter, parse_size, progress_enabled
-from ..pairing import ADAPTER_DIR
+from ..pairing import ADAPTER_DIR, STAGING
 from . import outdir
 from .pipeline import RESIDUAL, run_jobs, shard_done
 from .plan import make_plan
+from .speculate import Speculator, guess_targets, usable
 from .transform import PissaTransform
 
 DEFAULT_MAX_MEMORY = 2 << 30
@@ -71,7 +72,8 @@ class InitResult:
                  + (f" ({self.shards_resumed} finished by an earlier, interrupted run)" if self.shards_resumed else ""),
                  f"  {self.settings}",
                  f"  time {s['total']:.1f} s: planning {s['plan']:.1f} s (model skeleton, targets), decomposition "
-                 f"{s['decompose']:.1f} s, waiting for reads {s['read_wait']:.1f} s, for writes "
+                 f"{s['decompose']:.1f} s ({s.get('early_layers', 0)} layers during planning), waiting for reads "
+                 f"{s['read_wait']:.1f} s, for writes "
                  f"{s['write_drain']:.1f} s, finishing {s['finish']:.1f} s",
                  f"  peak memory: {format_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)} RSS, "
                  f"weights in memory at once {format_bytes(self.max_loaded)} (bound {format_bytes(self.max_memory)})"]
@@ -228,19 +230,30 @@ def init_checkpoint(model: str, out: str, *, target_modules, r: int = 16, lora_a
     from ..hf.skeleton import build_skeleton
     from ..hf.targets import plan_targets
 
-    skel = build_skeleton(root, trust_remote_code=trust_remote_code)
-    tplan = plan_targets(ckpt, skel, spec, r=r, lora_alpha=lora_alpha, use_rslora=use_rslora)
-    plan = make_plan(ckpt, tplan, transform.residual_code, max(1, max_memory // 2))
-    if report_error:
-        n = len(tplan.targets)
-        k = min(n, report_error)
-        transform.report_error = frozenset(tplan.targets[round(i * (n - 1) / max(1, k - 1))].key for i in range(k))
-    seconds["plan"] = time.perf_counter() - t_start
-
-    staging = outdir.prepare(out, key, state)
-    todo = [j for j in plan.jobs if not (state == "resume" and shard_done(staging, j.shard))]
+    staging = os.path.join(out, STAGING)
+    done = {s for s in ckpt.shards if state == "resume" and shard_done(staging, s)}
     with _sigterm_as_exit(), _threads(threads):
-        stats = run_jobs(todo, transform, staging, max_memory=max_memory, progress=progress)
+        # the likely targets decompose in a second thread while transformers and peft load
+        guesses = [] if report_error else guess_targets(ckpt, spec, r, skip_shards=done)
+        early_run = Speculator(ckpt, guesses, transform, max_bytes=max_memory // 2).start()
+        try:
+            skel = build_skeleton(root, trust_remote_code=trust_remote_code)
+            tplan = plan_targets(ckpt, skel, spec, r=r, lora_alpha=lora_alpha, use_rslora=use_rslora)
+        finally:
+            early = early_run.finish()
+        plan = make_plan(ckpt, tplan, transform.residual_code, max(1, max_memory // 2))
+        if report_error:
+            n = len(tplan.targets)
+            k = min(n, report_error)
+            transform.report_error = frozenset(tplan.targets[round(i * (n - 1) / max(1, k - 1))].key
+                                               for i in range(k))
+        seconds["plan"] = time.perf_counter() - t_start
+
+        staging = outdir.prepare(out, key, state)
+        todo = [j for j in plan.jobs if j.shard not in done]
+        early = usable(early, [t for j in todo for t in j.targets])
+        n_early = len(early)
+        stats = run_jobs(todo, transform, staging, max_memory=max_memory, progress=progress, early=early)
         t_finish = time.perf_counter()
         from .finalize import write_adapter, write_residual_extras
 
@@ -250,7 +263,8 @@ def init_checkpoint(model: str, out: str, *, target_modules, r: int = 16, lora_a
         outdir.mark_moving(staging, residual_dir)
         outdir.move_into_place(staging, out, residual_dir)
     seconds.update(decompose=transform.seconds, read_wait=stats.wait_s, write_drain=stats.drain_s,
-                   finish=time.perf_counter() - t_finish, total=time.perf_counter() - t_start)
+                   finish=time.perf_counter() - t_finish, total=time.perf_counter() - t_start,
+                   early_layers=n_early)
     notes = tplan.notes + [f"left out {name}: {why}" for name, why in skipped]
     return InitResult(out, skel.class_name, skel.loader, len(tplan.targets), len(plan.jobs),
                       len(plan.jobs) - len(todo), seconds, stats.max_loaded, max_memory, transform.scaling, settings,

@@ -65,6 +65,10 @@ class RunStats:
     notes: list = field(default_factory=list)
 
 
+def _take(early):
+    return early.factors, early.before
+
+
 class _Stop(Exception):
     """Unwinds a worker thread because another thread failed or the run was interrupted."""
 
@@ -92,8 +96,13 @@ class _Budget:
             self._cv.notify_all()
 
 
-def run_jobs(jobs: list, transform, staging: str, *, max_memory: int, progress: bool = False) -> RunStats:
-    """Transform and write every job into staging/residual and staging/factors. See the module doc."""
+def run_jobs(jobs: list, transform, staging: str, *, max_memory: int, progress: bool = False,
+             early: dict | None = None) -> RunStats:
+    """Transform and write every job into staging/residual and staging/factors. See the module doc.
+    early: {key: speculate.Early} of targets already transformed (they count against max_memory
+    until written); consumed: each entry is removed as it is used, so its memory goes with it."""
+    early = early if early is not None else {}
+    early_keys = frozenset(early)  # the reader's view; the caller's thread pops results as it uses them
     os.makedirs(os.path.join(staging, RESIDUAL), exist_ok=True)
     os.makedirs(os.path.join(staging, FACTORS), exist_ok=True)
     stats = RunStats()
@@ -101,6 +110,7 @@ def run_jobs(jobs: list, transform, staging: str, *, max_memory: int, progress: 
     failures: list[BaseException] = []
     lock = threading.Lock()
     budget = _Budget(max_memory, stop)
+    budget.used = budget.peak = sum(e.nbytes for e in early.values())
     loaded: queue.Queue = queue.Queue(maxsize=2)
     to_write: queue.Queue = queue.Queue()
 
@@ -148,9 +158,12 @@ def run_jobs(jobs: list, transform, staging: str, *, max_memory: int, progress: 
             if job.groups:
                 with safe_open(job.source, framework="pt") as f:
                     for group in job.groups:
-                        n = sum(job.header.tensors[t.key].nbytes for t in group)
-                        budget.acquire(n)
-                        put(loaded, ("group", job, group, {t.key: load_tensor(f, t.key) for t in group}, n))
+                        todo = [t for t in group if t.key not in early_keys]
+                        n = sum(job.header.tensors[t.key].nbytes for t in todo)
+                        if todo:
+                            budget.acquire(n)
+                        n_early = sum(job.header.tensors[t.key].nbytes for t in group) - n
+                        put(loaded, ("group", job, group, {t.key: load_tensor(f, t.key) for t in todo}, n + n_early))
             put(loaded, ("end", job))
         put(loaded, None)
 
@@ -171,6 +184,7 @@ def run_jobs(jobs: list, transform, staging: str, *, max_memory: int, progress: 
                     for run in job.copies():
                         out.copy(fd, run, cancel=stop)
                         bar.update(sum(i.nbytes for i in run))
+                    out.flush()
                 elif kind == "group":
                     _, _, group, factors, entries, n = item
                     for t in group:
@@ -182,6 +196,7 @@ def run_jobs(jobs: list, transform, staging: str, *, max_memory: int, progress: 
                     del factors, item, f  # drop every reference before the bytes count as free
                     budget.release(n)
                     bar.update(n)
+                    out.flush()  # to disk while the next group decomposes, not all at the shard's end
                 else:
                     save_small(staged(staging, job.shard)[1], lora,
                                {"format": "pt", PAIRING_PART_KEY: json.dumps(fps, separators=(",", ":"))})
@@ -209,11 +224,15 @@ def run_jobs(jobs: list, transform, staging: str, *, max_memory: int, progress: 
                 continue
             _, job, group, weights, n = item
             targets = {t.key: t for t in group}
-            rows = {k: pairing.sample_rows(w.shape[0]) for k, w in weights.items()}
+            rows = {k: pairing.sample_rows(t.shape[0]) for k, t in targets.items()}
             before = {k: w[rows[k]].clone() for k, w in weights.items()}
-            t1 = time.perf_counter()
-            factors = transform(weights, targets)
-            stats.transform_s += time.perf_counter() - t1
+            factors = {}
+            if weights:
+                t1 = time.perf_counter()
+                factors = transform(weights, {k: targets[k] for k in weights})
+                stats.transform_s += time.perf_counter() - t1
+            for k in targets.keys() - weights.keys():
+                factors[k], before[k] = _take(early.pop(k))
             entries = {t.module: pairing.entry(k, factors[k].residual.shape, transform.residual_code(t), before[k],
                                                factors[k].residual[rows[k]]) for k, t in targets.items()}
             stats.layers += len(group)
