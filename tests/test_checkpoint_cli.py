@@ -204,7 +204,7 @@ def test_interrupted_run_resumes(llama_dir, tmp_path, monkeypatch, capsys):
     assert cli(argv) == 2  # a finished OUT is refused without --overwrite
 
 
-def test_interrupted_while_moving_outputs_resumes(llama_dir, tmp_path, monkeypatch):
+def test_interrupted_while_moving_outputs_resumes(llama_dir, tmp_path, monkeypatch, capsys):
     """Interrupted between the final renames: the rerun only finishes the moves."""
     out = tmp_path / "out"
     argv = ["init", llama_dir, out, "--r", 4, "--target-modules", "q_proj"]
@@ -222,8 +222,11 @@ def test_interrupted_while_moving_outputs_resumes(llama_dir, tmp_path, monkeypat
     assert pissa_fast.verify(str(out)).status == "incomplete"
     decomposed = []
     monkeypatch.setattr(pipeline, "after_shard", lambda shard: decomposed.append(shard))
+    capsys.readouterr()
     assert cli(argv) == 0
     assert decomposed == [] and STAGING not in os.listdir(out)
+    text = capsys.readouterr().out
+    assert "2 layers of LlamaForCausalLM" in text and "AutoModelForCausalLM.from_pretrained" in text
     x = tokens()
     ref = logits(transformers.AutoModelForCausalLM.from_pretrained(llama_dir).eval(), x)
     torch.testing.assert_close(logits(load_pissa(out), x), ref, rtol=0, atol=1e-4)

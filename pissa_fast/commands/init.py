@@ -7,6 +7,7 @@ import os
 import sys
 from dataclasses import asdict
 
+from ..pairing import STAGING
 from ._common import niter_type, report_errors, size_type
 
 _REGEX_CHARS = set("*+?[](){}|^$\\")
@@ -77,8 +78,8 @@ def run(args) -> int:
                                      trust_remote_code=args.trust_remote_code, revision=args.revision,
                                      cache_dir=args.cache_dir, report_error=args.report_error, threads=args.threads)
         except KeyboardInterrupt:
-            print(f"\npissa-fast init: interrupted; finished shards are kept in {os.path.join(args.out, '.pissa_fast_staging')}"
-                  f": rerun the same command to resume", file=sys.stderr)
+            print(f"\npissa-fast init: interrupted; finished shards are kept in {os.path.join(args.out, STAGING)}: "
+                  f"rerun the same command to resume", file=sys.stderr)
             return 130
         print(result)
         if args.json:

@@ -221,10 +221,12 @@ def init_checkpoint(model: str, out: str, *, target_modules, r: int = 16, lora_a
 
     if state == outdir.MOVING:  # both outputs were complete: only the final renames are left
         staging = outdir.prepare(out, key, state)
+        done = outdir.staged_summary(staging)
         outdir.move_into_place(staging, out, os.path.join(staging, RESIDUAL))
         seconds["total"] = time.perf_counter() - t_start
-        return InitResult(out, "?", "AutoModel", 0, len(ckpt.shards), len(ckpt.shards), seconds, 0, max_memory,
-                          transform.scaling, settings, notes=["finished the final moves of an interrupted run"],
+        return InitResult(out, done["model_class"], done["loader"], done["layers"], len(ckpt.shards),
+                          len(ckpt.shards), seconds, 0, max_memory, transform.scaling, settings,
+                          notes=["an interrupted run had finished everything but the final moves: done now"],
                           trust_remote_code=trust_remote_code)
 
     from ..hf.skeleton import build_skeleton
@@ -260,7 +262,8 @@ def init_checkpoint(model: str, out: str, *, target_modules, r: int = 16, lora_a
         write_adapter(plan, staging, key, revision)
         skipped = write_residual_extras(plan, staging)
         residual_dir = os.path.join(staging, RESIDUAL)
-        outdir.mark_moving(staging, residual_dir)
+        outdir.mark_moving(staging, residual_dir, {"model_class": skel.class_name, "loader": skel.loader,
+                                                   "layers": len(tplan.targets)})
         outdir.move_into_place(staging, out, residual_dir)
     seconds.update(decompose=transform.seconds, read_wait=stats.wait_s, write_drain=stats.drain_s,
                    finish=time.perf_counter() - t_finish, total=time.perf_counter() - t_start,

@@ -73,16 +73,23 @@ def prepare(out: str, run_key: dict, state: str) -> str:
     return staging
 
 
-def mark_moving(staging: str, residual_dir: str) -> None:
-    """Both outputs are complete in staging: record what the residual consists of, then the marker."""
-    write_text(os.path.join(staging, MANIFEST), json.dumps(sorted(os.listdir(residual_dir))))
+def mark_moving(staging: str, residual_dir: str, summary: dict) -> None:
+    """Both outputs are complete in staging: record what the residual consists of (and the run's
+    summary, for a rerun that only moves), then the marker."""
+    write_text(os.path.join(staging, MANIFEST), json.dumps({"residual": sorted(os.listdir(residual_dir)),
+                                                            "summary": summary}))
     write_text(os.path.join(staging, MOVING), "")
+
+
+def staged_summary(staging: str) -> dict:
+    with open(os.path.join(staging, MANIFEST)) as fh:
+        return json.load(fh)["summary"]
 
 
 def move_into_place(staging: str, out: str, residual_dir: str) -> None:
     """Steps 1-4 of the module doc; safe to rerun after an interruption at any point."""
     with open(os.path.join(staging, MANIFEST)) as fh:
-        manifest = set(json.load(fh))
+        manifest = set(json.load(fh)["residual"])
     adapter = os.path.join(staging, STAGED_ADAPTER)
     old = os.path.join(staging, OLD)
     os.makedirs(old, exist_ok=True)
