@@ -170,8 +170,9 @@ def convert_to_lora(initial: str, trained: str, out: str, *, rank: int | None = 
             raise CheckpointError(f"rank must be an int >= 1, got {rank!r}")
         too_big = [(k, v.shape[0]) for k, v in tuned.items() if k.endswith(".lora_A.weight") and rank > 2 * v.shape[0]]
         if too_big:
-            raise CheckpointError(f"rank {rank} is larger than 2r = {2 * too_big[0][1]} for {too_big[0][0]}: the trained "
-                                  f"change has rank at most 2r, so the exact conversion (no rank) already fits")
+            key, r_layer = too_big[0]
+            raise CheckpointError(f"rank {rank} is larger than 2r = {2 * r_layer} for {key}: the trained change has "
+                                  f"rank at most 2r, so the exact conversion (no rank) already fits")
 
     result: dict[str, torch.Tensor] = {}
     dropped: dict[str, tuple[float, float]] = {}

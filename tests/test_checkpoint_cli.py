@@ -13,7 +13,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from ckpt_helpers import LLAMA_ALL, ROOT, cli, load_pissa, logits, make_gpt2, make_llama, tokens, tree_digest  # noqa: E402
+from ckpt_helpers import (LLAMA_ALL, ROOT, cli, load_pissa, logits, make_gpt2, make_llama,  # noqa: E402
+                          tokens, tree_digest)
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 import pissa_fast  # noqa: E402
@@ -68,9 +69,9 @@ def test_round_trip_sharded_llama(llama_dir, tmp_path, capsys):
     assert cfg["init_lora_weights"] is True and cfg["r"] == 8 and cfg["lora_alpha"] == 16
     assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM"
     assert cfg["base_model_name_or_path"] == str(llama_dir)  # the source as given, not a temporary path
+    parts = (("self_attn", LLAMA_ALL[:4]), ("mlp", LLAMA_ALL[4:]))
     assert sorted(cfg["target_modules"]) == sorted(f"model.layers.{i}.{p}.{n}" for i in range(2)
-                                                   for p, names in (("self_attn", LLAMA_ALL[:4]), ("mlp", LLAMA_ALL[4:]))
-                                                   for n in names)
+                                                   for p, names in parts for n in names)
     adapter = load_file(out / "pissa_init" / "adapter_model.safetensors")
     assert len(adapter) == 28
     assert adapter["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"].shape == (64, 8)

@@ -111,6 +111,7 @@ def test_a_failing_plan_stops_the_early_work(llama_dir, tmp_path):
     assert [t.module.split(".")[-1] for t in speculate.guess_targets(ckpt, ["q_proj", "embed_tokens"], 4)] == \
         ["q_proj", "q_proj"]  # embeddings are not worth a guess (the plan refuses them anyway)
     with pytest.raises(CheckpointError, match="Embedding layers cannot be PiSSA-initialized"):
-        pissa_fast.init_checkpoint(str(llama_dir), str(tmp_path / "out"), r=4, target_modules=["q_proj", "embed_tokens"])
+        pissa_fast.init_checkpoint(str(llama_dir), str(tmp_path / "out"), r=4,
+                                   target_modules=["q_proj", "embed_tokens"])
     assert not (tmp_path / "out").exists()
     assert not any(t.name == "pissa-fast-early" and t.is_alive() for t in threading.enumerate())

@@ -131,7 +131,8 @@ def plan_targets(ckpt: Checkpoint, skel: Skeleton, target_modules, *, r: int, lo
             problems.append(f"{ckey}: shape {list(info.shape)} in {ckpt.location[ckey]}, but config.json implies "
                             f"{list(want)}")
     if problems:
-        raise CheckpointError("mismatched shapes between the checkpoint and its config:\n  " + "\n  ".join(problems[:10]))
+        raise CheckpointError("mismatched shapes between the checkpoint and its config:\n  "
+                              + "\n  ".join(problems[:10]))
 
     targets = []
     for name in chosen:

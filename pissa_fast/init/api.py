@@ -6,6 +6,11 @@
 
 Nothing is written before every input and argument is validated, the input is only read, and an
 interrupted run resumes from its finished shards when the same call is made again.
+
+Where the next steps plug in: several processes (torchrun) make the same plan (it is cheap and
+deterministic), each runs `run_jobs` on its `split_by_bytes(plan.jobs, world_size)[rank]` with its
+own device into the shared staging folder (one writer per shard file), and after a barrier rank 0
+runs the finish step. Another per-group computation (QPiSSA) is another `transform`.
 """
 from __future__ import annotations
 
@@ -190,9 +195,10 @@ def init_checkpoint(model: str, out: str, *, target_modules, r: int = 16, lora_a
     """
     t_start = time.perf_counter()
     r = _int("r", r, 1)
-    lora_alpha = float(r if lora_alpha is None else lora_alpha)
-    if not math.isfinite(lora_alpha) or lora_alpha <= 0:
-        raise CheckpointError(f"lora_alpha must be > 0, got {lora_alpha}")
+    alpha = r if lora_alpha is None else lora_alpha
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha) or alpha <= 0:
+        raise CheckpointError(f"lora_alpha must be a number > 0, got {lora_alpha!r}")
+    lora_alpha = float(alpha)
     try:
         niter = parse_niter(niter)
         max_memory = parse_size(max_memory)

@@ -58,7 +58,6 @@ def shard_done(staging: str, shard: str) -> bool:
 class RunStats:
     layers: int = 0
     shards: int = 0
-    transform_s: float = 0.0  # in the transform, on the caller's thread
     wait_s: float = 0.0  # the caller waiting for reads (what prefetching did not hide)
     drain_s: float = 0.0  # after the last transform, waiting for the writer to finish
     max_loaded: int = 0  # most bytes of weights in memory at once
@@ -228,9 +227,7 @@ def run_jobs(jobs: list, transform, staging: str, *, max_memory: int, progress: 
             before = {k: w[rows[k]].clone() for k, w in weights.items()}
             factors = {}
             if weights:
-                t1 = time.perf_counter()
                 factors = transform(weights, {k: targets[k] for k in weights})
-                stats.transform_s += time.perf_counter() - t1
             for k in targets.keys() - weights.keys():
                 factors[k], before[k] = _take(early.pop(k))
             entries = {t.module: pairing.entry(k, factors[k].residual.shape, transform.residual_code(t), before[k],
