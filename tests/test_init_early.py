@@ -30,6 +30,12 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(autouse=True)
+def _spare_core(monkeypatch):
+    """Early work runs only when a core is free for it; these tests want it on any machine."""
+    monkeypatch.setattr(api, "_spare_core", lambda device: True)
+
+
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("early") / "model"
@@ -104,6 +110,20 @@ def test_early_work_counts_against_max_memory(llama_dir, tmp_path, monkeypatch):
                                      max_memory=bound)
     assert 0 < res.seconds["early_layers"] < res.layers  # the early thread stopped at half the bound
     assert 0 < live["peak"] <= bound and live["now"] == 0
+
+
+def test_early_work_only_with_a_spare_core(monkeypatch):
+    monkeypatch.undo()
+    monkeypatch.setattr(api.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert not api._spare_core(torch.device("cpu"))  # both cores decompose: no room for planning
+        torch.set_num_threads(1)
+        assert api._spare_core(torch.device("cpu"))
+    finally:
+        torch.set_num_threads(n)
+    assert api._spare_core(torch.device("cuda"))
 
 
 def test_a_failing_plan_stops_the_early_work(llama_dir, tmp_path):

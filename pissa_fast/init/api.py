@@ -125,6 +125,20 @@ def _threads(n):
         torch.set_num_threads(old)
 
 
+def _spare_core(device: torch.device) -> bool:
+    """Is there a core for the planning thread while the decomposition runs? Always on a GPU; on the
+    CPU only when torch uses fewer threads than there are cores: otherwise the two would take turns
+    on the same cores (and OpenMP's barriers wait on a descheduled thread), which costs more than the
+    overlap gains. The thread count itself is never changed for this: results depend on it."""
+    if device.type != "cpu":
+        return True
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return cores > torch.get_num_threads()
+
+
 def _int(name, v, lo):
     if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < lo:
         raise CheckpointError(f"{name} must be an int >= {lo}, got {v!r}")
@@ -242,7 +256,7 @@ def init_checkpoint(model: str, out: str, *, target_modules, r: int = 16, lora_a
     done = {s for s in ckpt.shards if state == "resume" and shard_done(staging, s)}
     with _sigterm_as_exit(), _threads(threads):
         # the likely targets decompose in a second thread while transformers and peft load
-        guesses = [] if report_error else guess_targets(ckpt, spec, r, skip_shards=done)
+        guesses = [] if report_error or not _spare_core(dev) else guess_targets(ckpt, spec, r, skip_shards=done)
         early_run = Speculator(ckpt, guesses, transform, max_bytes=max_memory // 2).start()
         try:
             skel = build_skeleton(root, trust_remote_code=trust_remote_code)
