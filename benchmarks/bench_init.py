@@ -156,7 +156,7 @@ def main(argv=None) -> int:
         sec = report["seconds"]
         row = dict(copy_sync=copy_s, init_wall=init_s, decompose=sec["decompose"],
                    overhead=init_s - sec["decompose"], startup=init_s - sec["total"], plan=sec["plan"],
-                   early=sec.get("early_layers", 0), read_wait=sec["read_wait"], write_drain=sec["write_drain"],
+                   early=report.get("early_layers", 0), read_wait=sec["read_wait"], write_drain=sec["write_drain"],
                    finish=sec["finish"])
         row["target"] = 2 * copy_s + 2.5
         _, proc = timed([sys.executable, "-c", DECOMPOSE_ALONE, src, str(args.r), args.niter], env)

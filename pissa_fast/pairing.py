@@ -27,6 +27,7 @@ from functools import lru_cache
 import torch
 
 from .errors import CheckpointError
+from .options import SAFETENSORS_CODE, SAFETENSORS_DTYPES
 
 METADATA_KEY = "pissa_fast_pairing"
 ADAPTER_DIR = "pissa_init"
@@ -35,8 +36,13 @@ STAGING = ".pissa_fast_staging"
 ROWS = 8
 PROBES = 2
 SEED = 0x5155A  # fixed: the sketch must be the same on every machine and in every version
-_EPS = {"F64": 2.0 ** -52, "F32": 2.0 ** -23, "F16": 2.0 ** -10, "BF16": 2.0 ** -7}
-_CODE = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+_FLOAT_CODES = {dt: code for dt, code in SAFETENSORS_CODE.items() if dt.is_floating_point}
+
+
+def _eps(code: str) -> float:
+    """Rounding unit of a safetensors float dtype (bfloat16's for anything unknown)."""
+    dt = SAFETENSORS_DTYPES.get(code, (None, 0))[0]
+    return torch.finfo(dt).eps if dt is not None and dt.is_floating_point else torch.finfo(torch.bfloat16).eps
 
 
 def sample_rows(nrows: int) -> list[int]:
@@ -80,7 +86,7 @@ def classify(fp: dict, found_rows: torch.Tensor, found_dtype: str) -> tuple[str,
     y, _ = sketch(found_rows)
     d_res = _distance(y, fp["residual"], fp["residual_norm"])
     d_orig = _distance(y, fp["original"], fp["original_norm"])
-    tol = 2 * max(_EPS.get(fp["dtype"], 2.0 ** -7), _EPS.get(found_dtype, 2.0 ** -7)) + 1e-9
+    tol = 2 * max(_eps(fp["dtype"]), _eps(found_dtype)) + 1e-9
     if d_res <= tol and d_res <= d_orig:
         return "residual", d_res, d_orig
     if d_orig <= tol:
@@ -153,11 +159,11 @@ def _rows_from_module(model: torch.nn.Module):
         w, merged = weights[module]
         if merged:
             return "merged", None
-        if w.dtype not in _CODE or w.device.type == "meta":
+        if w.dtype not in _FLOAT_CODES or w.device.type == "meta":
             return "unreadable", None
         if list(w.shape) != list(fp["shape"]):
             return "shape", None
-        return w.detach()[sample_rows(w.shape[0])], _CODE[w.dtype]
+        return w.detach()[sample_rows(w.shape[0])], _FLOAT_CODES[w.dtype]
     return rows
 
 

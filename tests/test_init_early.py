@@ -80,11 +80,11 @@ def _slow_planning(monkeypatch):
 def test_same_files_with_and_without_early_work(llama_dir, tmp_path, monkeypatch, spec):
     monkeypatch.setattr(api, "guess_targets", lambda *a, **k: [])
     plain = pissa_fast.init_checkpoint(str(llama_dir), str(tmp_path / "plain"), r=4, target_modules=spec)
-    assert plain.seconds["early_layers"] == 0
+    assert plain.early_layers == 0
     monkeypatch.undo()
     _slow_planning(monkeypatch)
     early = pissa_fast.init_checkpoint(str(llama_dir), str(tmp_path / "early"), r=4, target_modules=spec)
-    assert early.seconds["early_layers"] == early.layers  # every target was guessed (and extra guesses dropped)
+    assert early.early_layers == early.layers  # every target was guessed (and extra guesses dropped)
     _same(_files(tmp_path / "plain"), _files(tmp_path / "early"))
     assert pissa_fast.verify(str(tmp_path / "early")).paired
 
@@ -108,7 +108,7 @@ def test_early_work_counts_against_max_memory(llama_dir, tmp_path, monkeypatch):
     bound = 100_000
     res = pissa_fast.init_checkpoint(str(llama_dir), str(tmp_path / "out"), r=4, target_modules="all-linear",
                                      max_memory=bound)
-    assert 0 < res.seconds["early_layers"] < res.layers  # the early thread stopped at half the bound
+    assert 0 < res.early_layers < res.layers  # the early thread stopped at half the bound
     assert 0 < live["peak"] <= bound and live["now"] == 0
 
 

@@ -57,6 +57,7 @@ class InitResult:
     errors: list = field(default_factory=list)  # (module, ErrorReport) for the sampled layers
     notes: list = field(default_factory=list)
     trust_remote_code: bool = False
+    early_layers: int = 0  # decomposed while the plan was made
 
     @property
     def adapter(self) -> str:
@@ -77,7 +78,7 @@ class InitResult:
                  + (f" ({self.shards_resumed} finished by an earlier, interrupted run)" if self.shards_resumed else ""),
                  f"  {self.settings}",
                  f"  time {s['total']:.1f} s: planning {s['plan']:.1f} s (model skeleton, targets), decomposition "
-                 f"{s['decompose']:.1f} s ({s.get('early_layers', 0)} layers during planning), waiting for reads "
+                 f"{s['decompose']:.1f} s ({self.early_layers} layers during planning), waiting for reads "
                  f"{s['read_wait']:.1f} s, for writes "
                  f"{s['write_drain']:.1f} s, finishing {s['finish']:.1f} s",
                  f"  peak memory: {format_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)} RSS, "
@@ -286,9 +287,9 @@ def init_checkpoint(model: str, out: str, *, target_modules, r: int = 16, lora_a
                                                    "layers": len(tplan.targets)})
         outdir.move_into_place(staging, out, residual_dir)
     seconds.update(decompose=transform.seconds, read_wait=stats.wait_s, write_drain=stats.drain_s,
-                   finish=time.perf_counter() - t_finish, total=time.perf_counter() - t_start,
-                   early_layers=n_early)
+                   finish=time.perf_counter() - t_finish, total=time.perf_counter() - t_start)
     notes = tplan.notes + [f"left out {name}: {why}" for name, why in skipped]
     return InitResult(out, skel.class_name, skel.loader, len(tplan.targets), len(plan.jobs),
                       len(plan.jobs) - len(todo), seconds, stats.max_loaded, max_memory, transform.scaling, settings,
-                      errors=transform.errors, notes=notes, trust_remote_code=trust_remote_code)
+                      errors=transform.errors, notes=notes, trust_remote_code=trust_remote_code,
+                      early_layers=n_early)
