@@ -105,5 +105,7 @@ setup(
     cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)},
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "numpy", "tqdm"],
+    # QPiSSA and its QLoRA/LoftQ baselines quantize with bitsandbytes' own NF4 (CPU and CUDA since 0.48).
+    extras_require={"quant": ["bitsandbytes==0.50.2"]},
     entry_points={"console_scripts": ["pissa-fast=pissa_fast.cli:main"]},
 )

@@ -2,7 +2,12 @@
 torch.compile and passes torch.library.opcheck."""
 import torch
 
-from . import _C  # noqa: F401  (loading the library runs its TORCH_LIBRARY blocks)
+try:
+    from . import _C  # noqa: F401  (loading the library runs its TORCH_LIBRARY blocks)
+except ImportError as e:  # not built, or built for another torch: say so, and how to build it
+    from .errors import NativeLibraryMissing
+
+    raise NativeLibraryMissing(e) from e
 
 BUILD = _C.build  # "cpu" or "cuda:<archs>"
 

@@ -217,6 +217,16 @@ def decompose_many(weights: Mapping[Any, torch.Tensor] | Sequence[torch.Tensor],
     """
     _check_args(r, niter, method, oversample, normalizer, seed, generator)
     _check_stop(tol, like_svd_lowrank, niter, method)
+    # --- sharded weights (issue 11): DTensor / ZeRO-3 calls go to pissa_fast.distributed ---
+    from .distributed import hook as _sharded
+    if _sharded.wants(weights):
+        if tol is not None or like_svd_lowrank is not None or estimate:
+            raise ValueError("tol, like_svd_lowrank and estimate are not supported for sharded weights yet; "
+                             "pass a fixed niter")
+        return _sharded.decompose_many(weights, r, niter, inplace=inplace, method=method, oversample=oversample,
+                                       normalizer=normalizer, seed=seed, generator=generator, progress=progress,
+                                       _single=_single)
+    # --- end of the sharded-weights hook ---
     is_map = isinstance(weights, Mapping)
     if not is_map and not isinstance(weights, Sequence):
         raise TypeError(f"weights must be a dict or a list of tensors, got {type(weights).__name__}")
