@@ -46,9 +46,15 @@ TORCH_LIBRARY(pissa_fast, m) {
   // The PiSSA factors of every W[i]: A [b, r, n] = sqrt(S) V^T, B [b, m, r] = U sqrt(S), S [b, r].
   // method: "krylov" | "subspace" | "halko" | "exact"; normalizer: "qr" | "cholqr2".
   // omega [b, n, l] is the random test matrix (l = r + oversampling), drawn by the caller.
+  // niter is a cap when a stopping criterion is given (krylov): a matrix stops at the first niter
+  // whose estimated l1_rel error is <= tol (if tol > 0) and <= the error predicted for
+  // torch.svd_lowrank(q = rank, niter = like_svd_lowrank) (if >= 0). niter_used [b] (int64; -1 for
+  // the exact SVD) and estimate [b] (the estimated l1_rel; -1 where none was made; made when
+  // stopping or when `estimate` is set, krylov only) say what each matrix got.
   m.def(
-      "pissa_factors(Tensor[] W, Tensor omega, int rank, int niter, str method, str normalizer)"
-      " -> (Tensor A, Tensor B, Tensor S)");
+      "pissa_factors(Tensor[] W, Tensor omega, int rank, int niter, str method, str normalizer,"
+      " float tol=0., int like_svd_lowrank=-1, bool estimate=False)"
+      " -> (Tensor A, Tensor B, Tensor S, Tensor niter_used, Tensor estimate)");
 }
 
 }  // namespace pissa_fast

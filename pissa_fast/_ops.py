@@ -45,8 +45,9 @@ def _residual_fake(W, B, A):
 
 
 @torch.library.register_fake("pissa_fast::pissa_factors")
-def _pissa_factors_fake(W, omega, rank, niter, method, normalizer):
+def _pissa_factors_fake(W, omega, rank, niter, method, normalizer, tol=0.0, like_svd_lowrank=-1, estimate=False):
     b, (m, n) = len(W), W[0].shape
     acc = _acc(W[0])
     return (omega.new_empty((b, rank, n), dtype=acc), omega.new_empty((b, m, rank), dtype=acc),
-            omega.new_empty((b, rank), dtype=acc))
+            omega.new_empty((b, rank), dtype=acc), omega.new_empty((b,), dtype=torch.int64),
+            omega.new_empty((b,), dtype=acc))
