@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import pissa_fast as pf
-from conftest import eps
+from pissa_fast._bounds import acc_dtype, gram_bounds, pass_bound, residual_bound
 from pissa_fast.passes import _aten_cpu_config, _aten_passes_on_cpu
 
 ops = pf.ops
@@ -50,22 +50,7 @@ def poisoned():
 
 
 def acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def unit(dtype):
-    """Unit roundoff of the accumulation."""
-    return torch.finfo(acc(dtype)).eps / 2
-
-
-def part_unit(dtype):
-    """Unit roundoff of the hi/lo parts the float32 operands are split into (0: no split)."""
-    return {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}.get(dtype, 0.0)
-
-
-def gamma(n, u):
-    """n u / (1 - n u): the rounding bound of a length-n dot product in unit roundoff u (any order)."""
-    return n * u / (1 - n * u)
+    return acc_dtype(dtype)
 
 
 def weights(b, m, n, dtype, view, gen):
@@ -78,40 +63,6 @@ def weights(b, m, n, dtype, view, gen):
         else:
             ws.append(torch.randn(m, n, generator=gen).to(dtype))
     return ws
-
-
-def pass_bound(aW, X, dtype):
-    """|computed - exact| for op(W) X, with aW = |op(W)| (float64) and X the float64 operand: float32
-    accumulation of exact products of the hi and lo parts (gamma_{n+2}, the two extra roundings adding
-    the parts' results), the split's own error u_p^2 |X|, and for fp16 the floor of the parts' subnormal
-    range, 2^-24 in units scaled to a column maximum >= 2^14, i.e. 2^-38 of it."""
-    n = aW.shape[-1]
-    u, up = unit(dtype), part_unit(dtype)
-    aX = X.abs()
-    bound = (gamma(n + 2, u) * (1 + 2 * up) + up ** 2) * (aW @ aX)
-    if dtype == torch.float16:
-        bound = bound + 2.0 ** -38 * aW.sum(-1, keepdim=True) * aX.amax(-2, keepdim=True)
-    return bound + 1e-300
-
-
-def residual_bound(W64, B, A, dtype):
-    """W - B A rounded once to W's dtype after a float32 accumulation of 3r exact products of parts
-    (B A = Bh Ah + Bl Ah + Bh Al, the dropped Bl Al and the splits' errors: 3 u_p^2 (1 + u_p)^2 |B| |A|),
-    plus for fp16 the subnormal floor of the balanced parts (6 2^-24 sqrt(max|A_t| max|B_t|) per rank t)."""
-    u, up = unit(dtype), part_unit(dtype)
-    aB, aA = B.abs(), A.abs()
-    BA = aB @ aA
-    r = B.shape[-1]
-    e = gamma(3 * r + 2, u) * (1 + up) ** 2 * (BA + W64.abs()) + 3 * up ** 2 * (1 + up) ** 2 * BA
-    if dtype == torch.float16:
-        e = e + 6 * 2.0 ** -24 * (1 + up) * (aB.amax(-2) * aA.amax(-1)).sqrt().sum(-1)[..., None, None]
-    ref = W64 - B @ A
-    return eps(dtype) * ref.abs() + e * (1 + eps(dtype)) + 1e-300
-
-
-def cpu_bound(aW, X, dtype):
-    """The CPU kernels: one float32 accumulation of exact products."""
-    return gamma(aW.shape[-1], unit(dtype)) * (aW @ X.abs()) + 1e-300
 
 
 def check(got, ref, bound, what):
@@ -134,28 +85,26 @@ def test_passes_match_float64_and_cpu_kernels(config, poisoned, dtype, case):
     Yin = torch.randn(b, m, k, generator=gen, dtype=a)
     W64 = torch.stack([w.double() for w in W])
     aW, aWt = W64.abs(), W64.abs().mT
-
-    Yref = W64 @ V.double()
-    Yb = pass_bound(aW, V.double(), dtype)
-    Tref = W64.mT @ Yin.double()
-    Tb = pass_bound(aWt, Yin.double(), dtype)
-    # gram's Z = W^T fl(W V): the error of Y carried through W^T, plus W^T's own on |fl(Y)|.
+    split = dtype in (torch.bfloat16, torch.float16)
+    Yref, Tref = W64 @ V.double(), W64.mT @ Yin.double()
     Zref = W64.mT @ Yref
-    Zb = aWt @ Yb + pass_bound(aWt, Yref.abs() + Yb, dtype)
+    Yb, Zb = gram_bounds(aW, V.double(), dtype, split)
+    Tb = pass_bound(aWt, Yin.double(), dtype, split)
+    # The CPU kernels: one float32 accumulation of exact products, no split.
+    Ycb, Zcb = gram_bounds(aW, V.double(), dtype, False)
+    Tcb = pass_bound(aWt, Yin.double(), dtype, False)
 
     Y = ops.wx_aten(W, V)
     check(Y, Yref, Yb, "wx_aten")
-    check(Y, ops.wx(W, V).double(), Yb + cpu_bound(aW, V.double(), dtype), "wx_aten vs CPU kernel")
+    check(Y, ops.wx(W, V).double(), Yb + Ycb, "wx_aten vs CPU kernel")
     T = ops.wtx_aten(W, Yin)
     check(T, Tref, Tb, "wtx_aten")
-    check(T, ops.wtx(W, Yin).double(), Tb + cpu_bound(aWt, Yin.double(), dtype), "wtx_aten vs CPU kernel")
+    check(T, ops.wtx(W, Yin).double(), Tb + Tcb, "wtx_aten vs CPU kernel")
     Yg, Zg = ops.gram_aten(W, V)
     check(Yg, Yref, Yb, "gram_aten Y")
     check(Zg, Zref, Zb, "gram_aten Z")
     Yc, Zc = ops.gram(W, V)
-    # The CPU kernel's Z: the same composition with its single-accumulation bound (|fl(Y)| <= (1 + gamma_n) |W| |V|).
-    aWV = aW @ V.double().abs()
-    Zcb = aWt @ cpu_bound(aW, V.double(), dtype) + cpu_bound(aWt, aWV * (1 + gamma(n, unit(dtype))), dtype)
+    check(Yg, Yc.double(), Yb + Ycb, "gram_aten Y vs CPU kernel")
     check(Zg, Zc.double(), Zb + Zcb, "gram_aten Z vs CPU kernel")
     # Deterministic: the same call gives the same bits.
     Y2, Z2 = ops.gram_aten(W, V)
@@ -173,9 +122,10 @@ def test_residual_matches_float64_and_cpu_kernels(config, poisoned, dtype, case,
     A = torch.randn(b, r, n, generator=gen, dtype=a)
     W64 = torch.stack([w.double() for w in W])
     ref = W64 - B.double() @ A.double()
-    bound = residual_bound(W64, B.double(), A.double(), dtype)
+    split = dtype in (torch.bfloat16, torch.float16)
+    bound = residual_bound(W64, B.double(), A.double(), dtype, split)
     cpu = torch.stack(ops.residual(W, B, A)).double()
-    cpu_b = eps(dtype) * ref.abs() + gamma(r + 2, unit(dtype)) * (B.double().abs() @ A.double().abs() + W64.abs())
+    cpu_b = residual_bound(W64, B.double(), A.double(), dtype, False)
     bases = [w._base.clone() if w._base is not None else None for w in W]
     ptrs = [w.data_ptr() for w in W]
     if inplace:
@@ -209,18 +159,18 @@ def test_split_precision_far_outside_fp16_range(config, dtype):
     V = torch.randn(2, n, k, generator=gen, dtype=a) * scales
     W64 = torch.stack([w.double() for w in W])
     Yref = W64 @ V.double()
-    Yb = pass_bound(W64.abs(), V.double(), dtype)
+    Yb, Zb = gram_bounds(W64.abs(), V.double(), dtype, True)
     check(ops.wx_aten(W, V), Yref, Yb, "wx_aten")
     Yg, Zg = ops.gram_aten(W, V)
     check(Yg, Yref, Yb, "gram_aten Y")
-    check(Zg, W64.mT @ Yref, W64.abs().mT @ Yb + pass_bound(W64.abs().mT, Yref.abs() + Yb, dtype), "gram_aten Z")
+    check(Zg, W64.mT @ Yref, Zb, "gram_aten Z")
     if dtype != torch.float32:  # the bound is far below one rounding of V to W's dtype: the split works
         one_part = torch.finfo(dtype).eps / 2 * (W64.abs() @ V.double().abs())
         assert bool((Yb < 0.01 * one_part).all())
     B = torch.randn(2, m, r, generator=gen, dtype=a) * 3e3
     A = torch.randn(2, r, n, generator=gen, dtype=a) * 1e-4
     out = torch.stack(ops.residual_aten([w.clone() for w in W], B, A)).double()
-    check(out, W64 - B.double() @ A.double(), residual_bound(W64, B.double(), A.double(), dtype), "residual")
+    check(out, W64 - B.double() @ A.double(), residual_bound(W64, B.double(), A.double(), dtype, True), "residual")
 
 
 def test_transposed_views_rejected_like_the_cpu_kernels(dtype):
