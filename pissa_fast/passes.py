@@ -85,7 +85,10 @@ def _aten_passes_on_cpu():
     lib = torch.library.Library("pissa_fast", "IMPL")
     try:
         for name, twin in _ATEN_TWINS.items():
-            lib.impl(name, getattr(ops, twin), "CPU", allow_override=True)
+            try:
+                lib.impl(name, getattr(ops, twin), "CPU", allow_override=True)
+            except TypeError:  # torch < 2.8 has no allow_override and only warns about the override
+                lib.impl(name, getattr(ops, twin), "CPU")
         yield
     finally:
         lib._destroy()
