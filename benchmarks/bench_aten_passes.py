@@ -8,7 +8,7 @@
      both code paths (the widened CPU blocks, and the native path that CUDA runs, with out_dtype GEMMs
      emulated by float32 GEMMs of widened copies).
 
-    python benchmarks/bench_aten_passes.py [--size 4096] [--repeats 5] [--json out.json]
+    python benchmarks/bench_aten_passes.py [--size 4096] [--repeats 5] [--what passes,accuracy] [--json out.json]
 
 The ATen passes are not meant to be fast on a CPU (they split bf16 test vectors into two parts, so
 their GEMMs are twice as wide as the CPU kernels'); the times say what the CPU pays when they are
@@ -113,20 +113,24 @@ def main():
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--niter", type=int, default=4)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--what", default="passes,accuracy", help="comma-separated: passes, accuracy")
     p.add_argument("--json", default=None)
     args = p.parse_args()
+    what = args.what.split(",")
     env = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "torch": torch.__version__, "build": pf.build_info(), "threads": torch.get_num_threads(),
            "cpu": platform.processor() or platform.machine(), "python": platform.python_version()}
     print("# bench_aten_passes " + "  ".join(f"{k}={v}" for k, v in env.items()), flush=True)
     out = {"env": env, "args": vars(args), "passes": {}, "accuracy": {}}
-    print(f"passes over one {args.size} x {args.size} weight, k = r = {args.rank} (niter >= 3 Krylov width):")
-    for dtype in (torch.bfloat16, torch.float32):
-        out["passes"][str(dtype)] = pass_times(args.size, dtype, args.rank, args.repeats)
-    print(f"decomposition, REFERENCE.md matrix {args.size}^2, r {args.rank}, niter {args.niter}:", flush=True)
-    W64 = reference_matrix(args.size)
-    for dtype in (torch.float32, torch.bfloat16):
-        out["accuracy"][str(dtype)] = accuracy(W64, args.rank, args.niter, dtype, max(1, args.repeats // 2))
+    if "passes" in what:
+        print(f"passes over one {args.size} x {args.size} weight, k = r = {args.rank} (niter >= 3 Krylov width):")
+        for dtype in (torch.bfloat16, torch.float32):
+            out["passes"][str(dtype)] = pass_times(args.size, dtype, args.rank, args.repeats)
+    if "accuracy" in what:
+        print(f"decomposition, REFERENCE.md matrix {args.size}^2, r {args.rank}, niter {args.niter}:", flush=True)
+        W64 = reference_matrix(args.size)
+        for dtype in (torch.float32, torch.bfloat16):
+            out["accuracy"][str(dtype)] = accuracy(W64, args.rank, args.niter, dtype, max(1, args.repeats // 2))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
