@@ -146,18 +146,43 @@ def _draw(gen, n, l, dtype, device):
 
 
 def _batch_bytes(mat, l, niter, method) -> int:
-    # float64 small factors kept by the Krylov loop: Q, Y, Z ([n|m] x l per pass) and temporaries.
+    """Memory one more matrix adds to a group call, at its peak: an upper estimate.
+
+    pissa_factors keeps the float64 basis Q and its images W Q, W^T W Q for every Krylov block
+    (8 width (2n + m) bytes; counted as 8 width 3 (m + n) for the orthonormalization's temporaries), and
+    each pass adds its float32 outputs with their float64 copies and, for the ATen passes, the hi/lo
+    parts of the test vectors and partial sums: under 64 l (m + n) bytes. The factors A, B, S and the
+    residual's split parts (3r wide, r <= l) fit in the same allowance.
+    """
     m, n = mat.shape
     width = l * ((niter or 0) + 1 if method == "krylov" else 2)
-    return 8 * width * 3 * (m + n)
+    return 8 * width * 3 * (m + n) + 64 * l * (m + n)
 
 
 def _default_budget(device) -> int:
+    """Bytes a group call may use. CUDA: what the device and the caching allocator have free, less a
+    reserve for cuBLAS/cuSOLVER workspaces and fragmentation (a tenth of the device, at least 1 GiB), so
+    that same-shape weights go in as few calls as memory allows (a LLaMA-2-7B at r 16 needs ~3 GiB
+    for its 128 square matrices). CPU: 0, one matrix per call; the CPU kernels loop over a group
+    anyway, so batching buys nothing there and one matrix's factors is the smallest working set."""
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return max(256 << 20, min(4 << 30, free // 4))
-    return 0  # CPU: one matrix at a time; the CPU kernels loop over a group anyway, so batching buys nothing
+        free, total = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        reserve = max(1 << 30, total // 10)
+        return max(256 << 20, free + cached - reserve)
+    return 0
 
+
+def _split_group(idxs: list[int], per: int, budget: int) -> list[list[int]]:
+    """Chunks of a same-shape group: as few as the budget allows, of balanced sizes (128 matrices with
+    room for 100 go as 64 + 64, not 100 + 28: the same number of calls, a lower peak)."""
+    most = max(1, min(len(idxs), budget // max(1, per)))
+    calls = -(-len(idxs) // most)
+    q, extra = divmod(len(idxs), calls)  # the first `extra` chunks take one more
+    bounds = [0]
+    for c in range(calls):
+        bounds.append(bounds[-1] + q + (c < extra))
+    return [idxs[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
 def decompose(weight: torch.Tensor, r: int, niter: int | None = 4, *, tol: float | None = None,
@@ -209,9 +234,10 @@ def decompose_many(weights: Mapping[Any, torch.Tensor] | Sequence[torch.Tensor],
 
     Weights sharing (shape, dtype, device) form a group whose passes run as one op call over all of
     its matrices (one kernel launch per pass on CUDA), each read where it lives: nothing is stacked
-    but the small factors, and a group whose small factors would exceed max_batch_bytes (default:
-    a quarter of free memory up to 4 GiB on CUDA; 0 on CPU, i.e. one matrix per call, which keeps
-    the working set to one matrix's factors) is split. Each weight gets a test
+    but the small factors, and a group whose small factors would exceed max_batch_bytes (default on
+    CUDA: the free device memory less a reserve, so a model's same-shape weights go in as few calls as
+    memory allows; 0 on CPU, i.e. one matrix per call, which keeps the working set to one matrix's
+    factors) is split into balanced chunks. Each weight gets a test
     matrix drawn from `seed` exactly as decompose() would, so results match per-weight calls.
     Every weight is validated, and every factor computed, before any residual is written.
     """
@@ -269,9 +295,7 @@ def decompose_many(weights: Mapping[Any, torch.Tensor] | Sequence[torch.Tensor],
     chunks = []
     for (shape, dtype, device, l), idxs in groups.items():
         budget = max_batch_bytes if max_batch_bytes is not None else _default_budget(device)
-        per = max(1, _batch_bytes(plans[idxs[0]]["mat"], l, nit, meth))
-        size = max(1, min(len(idxs), budget // per))
-        chunks += [idxs[i:i + size] for i in range(0, len(idxs), size)]
+        chunks += _split_group(idxs, _batch_bytes(plans[idxs[0]]["mat"], l, nit, meth), budget)
 
     bar = None
     if progress:
