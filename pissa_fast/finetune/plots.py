@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 
 from .methods import ALL_METHOD_NAMES, METHODS, QUANT_METHODS
 
@@ -48,7 +49,8 @@ def _loss_panels(plt, curves, methods, ranks, title, references=()):
     rows = 2 if zoom else 1
     fig, axes = plt.subplots(rows, len(ranks), figsize=(5.0 * len(ranks), 3.6 * rows + 0.6), squeeze=False,
                              gridspec_kw={"height_ratios": [3, 2] if zoom else [1]})
-    fig.suptitle(title, fontsize=12)
+    # ~8 characters of a 12-point title per inch: wrap rather than cut it off on a one-rank figure
+    fig.suptitle(textwrap.fill(title, width=int(8 * 5.0 * len(ranks))), fontsize=12)
     for col, rank in enumerate(ranks):
         lines = []
         for name in references:

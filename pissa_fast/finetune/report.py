@@ -259,15 +259,17 @@ def write_report(results: dict, out_dir: str, plots: list[str]) -> str:
                          f"{run['s_per_step']:.2f} |")
     if any(m in results["runs"] for m in QUANT_METHODS):
         lines += ["", "## Quantized methods at step 0", "", *quant_table(results)]
+    full_precision = any(m not in QUANT_METHODS for m in s["methods"])
     lines += [
         "",
         "## What this shows and what it does not",
         "",
-        "- It shows, on a real pretrained LLM and a real training loop, whether PiSSA's loss falls faster than "
+        *(["- It shows, on a real pretrained LLM and a real training loop, whether PiSSA's loss falls faster than "
         "LoRA's from the first steps at equal trainable parameters and hyperparameters, and whether the principal "
         "components train better than the middle and minor ones (the paper's Figures 2 and 3): an end-to-end "
-        "check that pissa_fast's factors are the right ones.",
-        "- It does not show accuracy on GSM8K or any benchmark: the model is small (135 M parameters), the task "
+        "check that pissa_fast's factors are the right ones."] if full_precision else []),
+        f"- It does not show accuracy on GSM8K or any benchmark: the model is small "
+        f"({results['model']['parameters'] / 1e6:.3g} M parameters), the task "
         "is synthetic and easy, the run is a few dozen steps on a CPU with one learning rate (for each method a "
         "tuned learning rate can narrow the gap), and every number comes from one seed.",
         *(quant_caveats(results) if quant else []),

@@ -105,8 +105,9 @@ def run_finetune(*, out: str, model: str | None = None, cache_dir: str | None = 
                  methods: Sequence[str] = M.DEFAULT_METHODS, ranks: Sequence[int] = DEFAULT_RANKS,
                  steps: int = DEFAULT_STEPS, batch_size: int = DEFAULT_BATCH, lr: float = DEFAULT_LR,
                  lora_alpha: float | None = None, niter: int | None = DEFAULT_NITER,
-                 qpissa_iters: int = M.DEFAULT_QPISSA_ITERS, seed: int = 0, threads: int | None = None, plots: bool = True, progress: bool | None = None,
-                 command: str | None = None, log: Callable[[str], None] = _stderr) -> dict:
+                 qpissa_iters: int = M.DEFAULT_QPISSA_ITERS, seed: int = 0, threads: int | None = None,
+                 plots: bool = True, progress: bool | None = None, command: str | None = None,
+                 log: Callable[[str], None] = _stderr) -> dict:
     """Fine-tune `model` (default: SmolLM2-135M-Instruct) with each method at each rank; write results.json,
     report.md and the plots into `out`; return the results dict. lora_alpha None means lora_alpha = r
     (scaling 1, the PiSSA paper's setting); qpissa_iters: QPiSSA's rounds (methods "qpissa")."""
