@@ -19,7 +19,7 @@ initialization of lora_A, lora_B and the frozen base weight differs:
 
 The two quantized methods are simulated on the CPU: the NF4 codes are bitsandbytes', but the model holds
 their dequantized values in float32 and runs float32 matmuls (no 4-bit kernels, no bf16 compute). Both use
-the same format (QUANT_SPEC) on the same layers: the targeted projections, i.e. every Linear layer but
+the same format (`quant_spec()`) on the same layers: the targeted projections, i.e. every Linear layer but
 lm_head, which is what a transformers 4-bit load quantizes.
 
 Adding a method: write a `build(model, settings)` that returns the peft model, and add a `Method(...)`
