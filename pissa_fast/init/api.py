@@ -29,12 +29,13 @@ from ..errors import CheckpointError
 from ..hf.checkpoint import Checkpoint, open_checkpoint, resolve_source
 from ..io.staging import inside
 from ..options import format_bytes, parse_niter, parse_size, progress_enabled
+from ..io.staging import write_text
 from ..pairing import ADAPTER_DIR, STAGING
 from . import outdir
 from .pipeline import RESIDUAL, run_jobs, shard_done
 from .plan import make_plan
 from .speculate import Speculator, guess_targets, usable
-from .transform import PissaTransform
+from .transform import PissaTransform, QPissaTransform
 
 DEFAULT_MAX_MEMORY = 2 << 30
 RUN_KEY_VERSION = 2
@@ -58,19 +59,34 @@ class InitResult:
     notes: list = field(default_factory=list)
     trust_remote_code: bool = False
     early_layers: int = 0  # decomposed while the plan was made
+    quantization: dict | None = None  # QPiSSA: pissa_fast.quant.settings (BitsAndBytesConfig arguments, dtype)
+    quant_errors: dict = field(default_factory=dict)  # QPiSSA: module -> ||W - (R + B A)||_F / ||W||_F
 
     @property
     def adapter(self) -> str:
         return os.path.join(self.out, ADAPTER_DIR)
 
     def load_code(self, trainable: bool = True) -> str:
-        """The exact code that loads the residual with its adapter."""
+        """The exact code that loads the residual with its adapter (QPiSSA: the residual in 4-bit, with
+        the BitsAndBytesConfig and dtype it was quantized for; any other loads different weights)."""
         trc = ", trust_remote_code=True" if self.trust_remote_code else ""
         tr = ", is_trainable=True" if trainable else ""
-        return (f"from transformers import {self.loader}\n"
+        peft_line = f"model = PeftModel.from_pretrained(model, {self.out!r}, subfolder={ADAPTER_DIR!r}{tr})"
+        if self.quantization is None:
+            return (f"from transformers import {self.loader}\n"
+                    f"from peft import PeftModel\n"
+                    f"model = {self.loader}.from_pretrained({self.out!r}{trc})\n" + peft_line)
+        from ..quant.nf4 import QuantSpec
+
+        q = self.quantization
+        spec = QuantSpec(q["bnb_config"]["bnb_4bit_quant_type"], q["blocksize"],
+                         q["bnb_config"]["bnb_4bit_use_double_quant"])
+        return (f"import torch\n"
+                f"from transformers import {self.loader}, BitsAndBytesConfig\n"
                 f"from peft import PeftModel\n"
-                f"model = {self.loader}.from_pretrained({self.out!r}{trc})\n"
-                f"model = PeftModel.from_pretrained(model, {self.out!r}, subfolder={ADAPTER_DIR!r}{tr})")
+                f"bnb = {spec.bnb_config_code()}\n"
+                f"model = {self.loader}.from_pretrained({self.out!r}, quantization_config=bnb, "
+                f"dtype=torch.{q['dtype']}{trc})\n" + peft_line)
 
     def __str__(self) -> str:
         s = self.seconds
@@ -90,7 +106,14 @@ class InitResult:
                 lines.append(f"    {name}: l1 {e.l1:.3e}  rel_recon {e.rel_recon:.3e}  excess {e.excess:.3e}  "
                              f"sv_rel {e.sv_rel:.3e}")
         lines += [f"  note: {n}" for n in self.notes]
-        lines += [f"  wrote {self.out}/ (the residual model) and {self.adapter}/ (the PiSSA adapter); to train:"]
+        if self.quantization is None:
+            lines += [f"  wrote {self.out}/ (the residual model) and {self.adapter}/ (the PiSSA adapter); to train:"]
+        else:
+            from ..quant.settings import SETTINGS_FILE
+
+            lines += [f"  wrote {self.out}/ (the residual model, bf16 and exactly 4-bit representable) and "
+                      f"{self.adapter}/ (the QPiSSA adapter, with the quantization settings in "
+                      f"{SETTINGS_FILE}); load the residual in 4-bit with exactly this config, then train:"]
         lines += ["      " + ln for ln in self.load_code().splitlines()]
         lines.append(f"  check that an adapter sits on its residual: pissa-fast verify {self.out}")
         return "\n".join(lines)
@@ -177,6 +200,70 @@ def _target_spec(target_modules):
                           f"(as in peft's LoraConfig), got {target_modules!r}")
 
 
+QUANTIZE_CHOICES = ("nf4", "fp4")
+DEFAULT_QPISSA_ITERS = 5
+
+
+def _make_transform(*, r, lora_alpha, niter, use_rslora, seed, device, report_error, quantize, qpissa_iters,
+                    quant_blocksize, double_quant):
+    """PiSSA, or QPiSSA when `quantize` is given; every QPiSSA argument is checked here, before anything
+    is written (a QPiSSA-only argument without quantize is an error, not silently ignored)."""
+    if quantize is None:
+        given = [n for n, v, default in (("qpissa_iters", qpissa_iters, None), ("double_quant", double_quant, False),
+                                         ("quant_blocksize", quant_blocksize, None)) if v != default]
+        if given:
+            raise CheckpointError(f"{', '.join(given)} only apply with quantize='nf4' (or 'fp4'): QPiSSA")
+        return PissaTransform(r=r, lora_alpha=lora_alpha, niter=niter, use_rslora=use_rslora, seed=seed,
+                              device=device)
+    if quantize not in QUANTIZE_CHOICES:
+        raise CheckpointError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)} (bitsandbytes' 4-bit "
+                              f"formats), got {quantize!r}")
+    iters = _int("qpissa_iters", DEFAULT_QPISSA_ITERS if qpissa_iters is None else qpissa_iters, 1)
+    if not isinstance(double_quant, bool):
+        raise CheckpointError(f"double_quant must be a bool, got {double_quant!r}")
+    if quant_blocksize is not None and quant_blocksize != 64:
+        raise CheckpointError(f"quant_blocksize {quant_blocksize!r}: transformers' BitsAndBytesConfig has no "
+                              f"blocksize option and always quantizes with 64, so a residual fitted to another "
+                              f"blocksize would not load as fitted; use 64 (pissa_fast.qpissa_many(..., "
+                              f"blocksize=N) serves other loaders)")
+    if report_error:
+        raise CheckpointError("report_error measures the factors against the exact SVD of W, which QPiSSA's "
+                              "factors (fitted to W - R) are not: leave it out with quantize (init reports "
+                              "QPiSSA's quantization error of every layer instead)")
+    from ..quant import QuantSpec
+    from ..quant.nf4 import bnb_functional
+
+    try:
+        bnb_functional()
+    except ImportError as e:
+        raise CheckpointError(str(e)) from None
+    return QPissaTransform(r=r, lora_alpha=lora_alpha, iters=iters, niter=niter, use_rslora=use_rslora, seed=seed,
+                           spec=QuantSpec(quantize, 64, double_quant), device=device)
+
+
+def _quant_errors(transform, targets) -> dict:
+    """QPiSSA's error of every target this process computed (not guesses the plan dropped)."""
+    if not isinstance(transform, QPissaTransform):
+        return {}
+    return {t.module: transform.errors[t.module] for t in targets if t.module in transform.errors}
+
+
+def _quant_notes(transform, errs: dict) -> list:
+    if not errs:
+        return []
+    worst = max(errs, key=errs.get)
+    spec = transform.spec
+    notes = [f"QPiSSA error ||W - (R + B A)||_F / ||W||_F over {len(errs)} layer(s): mean "
+             f"{sum(errs.values()) / len(errs):.4g}, largest {errs[worst]:.4g} ({worst}); R is "
+             f"{spec.quant_type}{' with double quantization' if spec.double_quant else ''}, blocksize "
+             f"{spec.blocksize}, after {transform.iters} round(s)"]
+    inexact = sorted(m for m in transform.inexact if m in errs)
+    if inexact:
+        notes.append(f"{len(inexact)} residual(s) would move by ~1e-4 of their norm when loaded (double quantization's "
+                     f"statistics did not settle): {', '.join(inexact[:4])}{', ...' if len(inexact) > 4 else ''}")
+    return notes
+
+
 def run_key(ckpt: Checkpoint, spec, transform) -> dict:
     """What makes two runs the same run (then the second resumes the first)."""
     files = []
@@ -192,7 +279,9 @@ def init_checkpoint(model: str, out: str, *, target_modules, r: int = 16, lora_a
                     niter: int | None = 4, use_rslora: bool = False, seed: int = 0, device="cpu",
                     max_memory=DEFAULT_MAX_MEMORY, overwrite: bool = False, trust_remote_code: bool = False,
                     revision: str | None = None, cache_dir: str | None = None, token=None, report_error: int = 0,
-                    threads: int | None = None, progress: bool | None = None) -> InitResult:
+                    threads: int | None = None, progress: bool | None = None, quantize: str | None = None,
+                    qpissa_iters: int | None = None, quant_blocksize: int | None = None,
+                    double_quant: bool = False) -> InitResult:
     """PiSSA-initialize the checkpoint `model` (a folder, or a Hugging Face Hub id resolved through the
     local cache, which works offline) into `out`: the residual model at `out` (every file and folder of
     the source, the weights replaced by W - B A in their own dtype, same shards and index) and the
@@ -206,6 +295,14 @@ def init_checkpoint(model: str, out: str, *, target_modules, r: int = 16, lora_a
         once (int or text like "2GiB"). threads: torch threads while decomposing (default: torch's).
     overwrite: write into a non-empty `out` (same-named files replaced, old weight files removed).
     report_error: measure the error against the exact SVD on this many layers (slow: full SVDs).
+    quantize ("nf4" or "fp4"): QPiSSA (needs bitsandbytes: pip install 'pissa_fast[quant]'). The residual
+        is written in bf16 and is exactly representable in that bitsandbytes 4-bit format: loaded with
+        BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantize, bnb_4bit_use_double_quant=
+        double_quant) and dtype=torch.bfloat16 it gives back bit for bit the R the adapter was fitted to
+        (result.load_code() has the code; the settings are in OUT/pissa_init/pissa_fast_quantization.json,
+        pissa_fast.quant.bnb_config(OUT) rebuilds the config). qpissa_iters: QPiSSA's rounds (default 5).
+        quant_blocksize: only 64, the blocksize transformers loads with. double_quant: bnb's nested
+        quantization of the block scales.
     Raises CheckpointError (before writing anything) for bad inputs or arguments.
     """
     t_start = time.perf_counter()
@@ -232,12 +329,18 @@ def init_checkpoint(model: str, out: str, *, target_modules, r: int = 16, lora_a
     if inside(out, root) or inside(root, out):
         raise CheckpointError(f"OUT {out} and MODEL {root} must not contain each other (the input is only read)")
     ckpt = open_checkpoint(root, os.fspath(model))
-    transform = PissaTransform(r=r, lora_alpha=lora_alpha, niter=niter, use_rslora=use_rslora, seed=seed, device=dev)
+    transform = _make_transform(r=r, lora_alpha=lora_alpha, niter=niter, use_rslora=use_rslora, seed=seed,
+                                device=dev, report_error=report_error, quantize=quantize, qpissa_iters=qpissa_iters,
+                                quant_blocksize=quant_blocksize, double_quant=double_quant)
+    quantization = transform.settings() if quantize is not None else None
     key = run_key(ckpt, spec, transform)
     state = outdir.check_out_dir(out, key, overwrite)
     progress = progress_enabled() if progress is None else progress
     settings = (f"r={r} lora_alpha={lora_alpha:g} scaling={transform.scaling:g}{' (rslora)' if use_rslora else ''} "
                 f"niter={'exact' if niter is None else niter} seed={seed} device={dev}")
+    if quantize is not None:
+        settings += (f" quantize={quantize}{' double_quant' if double_quant else ''} "
+                     f"qpissa_iters={transform.iters}")
     seconds = dict(plan=0.0, decompose=0.0, read_wait=0.0, write_drain=0.0, finish=0.0)
 
     if state == outdir.MOVING:  # both outputs were complete: only the final renames are left
@@ -248,7 +351,7 @@ def init_checkpoint(model: str, out: str, *, target_modules, r: int = 16, lora_a
         return InitResult(out, done["model_class"], done["loader"], done["layers"], len(ckpt.shards),
                           len(ckpt.shards), seconds, 0, max_memory, transform.scaling, settings,
                           notes=["an interrupted run had finished everything but the final moves: done now"],
-                          trust_remote_code=trust_remote_code)
+                          trust_remote_code=trust_remote_code, quantization=quantization)
 
     from ..hf.skeleton import build_skeleton
     from ..hf.targets import plan_targets
@@ -281,6 +384,8 @@ def init_checkpoint(model: str, out: str, *, target_modules, r: int = 16, lora_a
         from .finalize import write_adapter, write_residual_extras
 
         write_adapter(plan, staging, key, revision)
+        for name, text in transform.adapter_files().items():
+            write_text(os.path.join(staging, outdir.STAGED_ADAPTER, name), text)
         skipped = write_residual_extras(plan, staging)
         residual_dir = os.path.join(staging, RESIDUAL)
         outdir.mark_moving(staging, residual_dir, {"model_class": skel.class_name, "loader": skel.loader,
@@ -288,8 +393,10 @@ def init_checkpoint(model: str, out: str, *, target_modules, r: int = 16, lora_a
         outdir.move_into_place(staging, out, residual_dir)
     seconds.update(decompose=transform.seconds, read_wait=stats.wait_s, write_drain=stats.drain_s,
                    finish=time.perf_counter() - t_finish, total=time.perf_counter() - t_start)
-    notes = tplan.notes + [f"left out {name}: {why}" for name, why in skipped]
+    quant_errors = _quant_errors(transform, tplan.targets)
+    notes = tplan.notes + [f"left out {name}: {why}" for name, why in skipped] + _quant_notes(transform, quant_errors)
     return InitResult(out, skel.class_name, skel.loader, len(tplan.targets), len(plan.jobs),
                       len(plan.jobs) - len(todo), seconds, stats.max_loaded, max_memory, transform.scaling, settings,
-                      errors=transform.errors, notes=notes, trust_remote_code=trust_remote_code,
-                      early_layers=n_early)
+                      errors=[] if quantize is not None else transform.errors, notes=notes,
+                      trust_remote_code=trust_remote_code, early_layers=n_early, quantization=quantization,
+                      quant_errors=quant_errors)
