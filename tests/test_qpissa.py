@@ -223,6 +223,8 @@ BAD = [
     (dict(double_quant="yes"), TypeError, "double_quant must be a bool"),
     (dict(niter=-1), ValueError, "niter"),
     (dict(W=torch.zeros(4, 5, 6, dtype=torch.bfloat16)), ValueError, "2-D"),
+    (dict(start="loftq"), ValueError, "start must be one of"),
+    (dict(scales="mse"), ValueError, "scales must be one of"),
 ]
 
 
