@@ -20,6 +20,7 @@ import pissa_fast  # noqa: E402
 from pissa_fast.errors import CheckpointError  # noqa: E402
 from pissa_fast.quant import bnb_config, quant_error, read_settings  # noqa: E402
 from pissa_fast.quant.nf4 import QuantSpec, round_trip_exact  # noqa: E402
+from pissa_fast.quant.qpissa import DEFAULT_SCALES, DEFAULT_START  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -111,6 +112,7 @@ def test_nf4_residual_loads_bit_for_bit_and_the_model_matches_the_reported_error
     settings = json.loads((out / "pissa_init" / "pissa_fast_quantization.json").read_text())
     assert settings["bnb_config"] == QuantSpec().bnb_config_kwargs() and settings["dtype"] == "bfloat16"
     assert settings["qpissa_iters"] == 3
+    assert (settings["qpissa_start"], settings["qpissa_scales"]) == (DEFAULT_START, DEFAULT_SCALES)
     run = json.loads((tmp_path / "run.json").read_text())
     assert run["quantization"] == settings
 
@@ -165,3 +167,38 @@ def test_nf4_residual_loads_bit_for_bit_and_the_model_matches_the_reported_error
 def adapter_modules_names(W):
     return sorted(n.removesuffix(".weight") for n, p in W.items() if n.endswith("_proj.weight"))
 
+
+
+@pytest.mark.parametrize("kwargs, msg", [
+    (dict(quantize="nf8"), "quantize must be one of nf4, fp4"),
+    (dict(quantize="nf4", qpissa_iters=0), "qpissa_iters"),
+    (dict(quantize="nf4", quant_blocksize=128), "quant_blocksize 128"),
+    (dict(quantize="nf4", qpissa_start="lora"), "qpissa_start must be one of best, pissa, quantized, got 'lora'"),
+    (dict(quantize="nf4", qpissa_scales="mse"), "qpissa_scales must be one of absmax, search, got 'mse'"),
+    (dict(qpissa_scales="absmax"), "qpissa_scales only apply with quantize"),
+    (dict(qpissa_start="best", double_quant=True), "double_quant, qpissa_start only apply with quantize"),
+])
+def test_bad_quantize_arguments_raise_before_writing(llama_bf16, tmp_path, kwargs, msg):
+    out = tmp_path / "never"
+    with pytest.raises(CheckpointError, match=msg.replace("(", r"\(")):
+        pissa_fast.init_checkpoint(llama_bf16, out, target_modules="all-linear", r=4, **kwargs)
+    assert not out.exists()
+
+
+def test_start_and_scales_reach_qpissa_and_the_settings(llama_bf16, tmp_path):
+    """--qpissa-start best --qpissa-scales absmax: recorded beside the adapter, and the residual is
+    what qpissa computes with them (same seed as init uses for the weight)."""
+    out = tmp_path / "out"
+    assert cli(["init", llama_bf16, out, "--r", 4, "--target-modules", "q_proj", "--quantize", "nf4",
+                "--qpissa-iters", 2, "--qpissa-start", "best", "--qpissa-scales", "absmax"]) == 0
+    settings = read_settings(out)
+    assert (settings["qpissa_start"], settings["qpissa_scales"]) == ("best", "absmax")
+    files = stored(out)
+    src = stored(llama_bf16)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    from pissa_fast.init.transform import weight_seed
+    seed = weight_seed(0, "model.layers.0.self_attn.q_proj")
+    want = pissa_fast.qpissa(src[name], 4, 4, iters=2, start="best", scales="absmax", seed=seed).residual
+    other = pissa_fast.qpissa(src[name], 4, 4, iters=2, seed=seed).residual
+    assert torch.equal(files[name], want)
+    assert not torch.equal(want, other)  # the options change the result, so the check above can fail

@@ -148,17 +148,23 @@ def test_reported_error_matches_float64_measure():
 
 
 @pytest.mark.parametrize("qdtype", QDTYPES, ids=QIDS)
-def test_one_round_is_within_the_nf4_bound(qdtype):
+@pytest.mark.parametrize("scales", ["absmax", "search"])
+def test_one_round_is_within_the_nf4_bound(qdtype, scales):
     """R = nf4(W - B0 A0) with B0 A0 PiSSA's factors of W: elementwise within half the largest gap
-    between adjacent NF4 codes times the block's absmax (plus the rounding of R to W's dtype), and the
-    refit (A, B) = top-r(W - R) can only lower the error."""
+    between adjacent NF4 codes times the block's absmax (plus the rounding of R to W's dtype); with
+    searched scales s >= 0.75 absmax, within max(half gap x absmax, the clipped 0.25 absmax). The refit
+    (A, B) = top-r(W - R) can only lower the error."""
+    from pissa_fast.quant.fit import SCALE_CANDIDATES
+
     dtype = qdtype
     W = llm_like(96, 128, dtype, seed=5)
     r, bs = 8, 64
-    out = qpissa(W, r, 4, iters=1, blocksize=bs)
+    out = qpissa(W, r, 4, iters=1, blocksize=bs, scales=scales)
     X = pissa_fast.decompose(W, r, 4).residual  # what round 1 quantized: same seed, same factors
     code = bnb_F.get_4bit_type("nf4", device="cpu")
     half_gap = float(((code[1:] - code[:-1]) / 2).max())
+    if scales == "search":
+        half_gap = max(half_gap, 1 - min(SCALE_CANDIDATES))
     amax = block_absmax(X, bs)
     bound = half_gap * amax + amax * torch.finfo(dtype).eps
     dev = (X.float() - out.residual.float()).abs()

@@ -69,7 +69,7 @@ def test_searched_scales_descend_with_exact_factors(qdtype):
     out = qpissa(W, 8, None, iters=4, scales="search")
     assert out.exact and nf4.round_trip_exact(out.residual, QuantSpec())
     assert all(b <= a * (1 + 1e-9) for a, b in zip(out.errors, out.errors[1:])), out.errors
-    absmax = qpissa(W, 8, None, iters=4)
+    absmax = qpissa(W, 8, None, iters=4, scales="absmax")
     assert out.error < absmax.error < quant_error(W, qlora(W))
 
 

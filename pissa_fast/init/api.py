@@ -205,12 +205,13 @@ DEFAULT_QPISSA_ITERS = 5
 
 
 def _make_transform(*, r, lora_alpha, niter, use_rslora, seed, device, report_error, quantize, qpissa_iters,
-                    quant_blocksize, double_quant):
+                    quant_blocksize, double_quant, qpissa_start=None, qpissa_scales=None):
     """PiSSA, or QPiSSA when `quantize` is given; every QPiSSA argument is checked here, before anything
     is written (a QPiSSA-only argument without quantize is an error, not silently ignored)."""
     if quantize is None:
         given = [n for n, v, default in (("qpissa_iters", qpissa_iters, None), ("double_quant", double_quant, False),
-                                         ("quant_blocksize", quant_blocksize, None)) if v != default]
+                                         ("quant_blocksize", quant_blocksize, None), ("qpissa_start", qpissa_start, None),
+                                         ("qpissa_scales", qpissa_scales, None)) if v != default]
         if given:
             raise CheckpointError(f"{', '.join(given)} only apply with quantize='nf4' (or 'fp4'): QPiSSA")
         return PissaTransform(r=r, lora_alpha=lora_alpha, niter=niter, use_rslora=use_rslora, seed=seed,
@@ -232,13 +233,20 @@ def _make_transform(*, r, lora_alpha, niter, use_rslora, seed, device, report_er
                               "QPiSSA's quantization error of every layer instead)")
     from ..quant import QuantSpec
     from ..quant.nf4 import bnb_functional
+    from ..quant.qpissa import SCALES, STARTS
+
+    if qpissa_start is not None and qpissa_start not in STARTS:
+        raise CheckpointError(f"qpissa_start must be one of {', '.join(sorted(STARTS))}, got {qpissa_start!r}")
+    if qpissa_scales is not None and qpissa_scales not in SCALES:
+        raise CheckpointError(f"qpissa_scales must be one of {', '.join(SCALES)}, got {qpissa_scales!r}")
 
     try:
         bnb_functional()
     except ImportError as e:
         raise CheckpointError(str(e)) from None
     return QPissaTransform(r=r, lora_alpha=lora_alpha, iters=iters, niter=niter, use_rslora=use_rslora, seed=seed,
-                           spec=QuantSpec(quantize, 64, double_quant), device=device)
+                           spec=QuantSpec(quantize, 64, double_quant), start=qpissa_start, scales=qpissa_scales,
+                           device=device)
 
 
 def _quant_errors(transform, targets) -> dict:
@@ -281,7 +289,8 @@ def init_checkpoint(model: str, out: str, *, target_modules, r: int = 16, lora_a
                     revision: str | None = None, cache_dir: str | None = None, token=None, report_error: int = 0,
                     threads: int | None = None, progress: bool | None = None, quantize: str | None = None,
                     qpissa_iters: int | None = None, quant_blocksize: int | None = None,
-                    double_quant: bool = False) -> InitResult:
+                    double_quant: bool = False, qpissa_start: str | None = None,
+                    qpissa_scales: str | None = None) -> InitResult:
     """PiSSA-initialize the checkpoint `model` (a folder, or a Hugging Face Hub id resolved through the
     local cache, which works offline) into `out`: the residual model at `out` (every file and folder of
     the source, the weights replaced by W - B A in their own dtype, same shards and index) and the
@@ -302,7 +311,9 @@ def init_checkpoint(model: str, out: str, *, target_modules, r: int = 16, lora_a
         (result.load_code() has the code; the settings are in OUT/pissa_init/pissa_fast_quantization.json,
         pissa_fast.quant.bnb_config(OUT) rebuilds the config). qpissa_iters: QPiSSA's rounds (default 5).
         quant_blocksize: only 64, the blocksize transformers loads with. double_quant: bnb's nested
-        quantization of the block scales.
+        quantization of the block scales. qpissa_start ("pissa", "quantized" or "best") and
+        qpissa_scales ("search" or "absmax"): pissa_fast.qpissa's start and scales (default: its own,
+        pissa_fast.quant.qpissa.DEFAULT_START / DEFAULT_SCALES).
     Raises CheckpointError (before writing anything) for bad inputs or arguments.
     """
     t_start = time.perf_counter()
@@ -331,7 +342,8 @@ def init_checkpoint(model: str, out: str, *, target_modules, r: int = 16, lora_a
     ckpt = open_checkpoint(root, os.fspath(model))
     transform = _make_transform(r=r, lora_alpha=lora_alpha, niter=niter, use_rslora=use_rslora, seed=seed,
                                 device=dev, report_error=report_error, quantize=quantize, qpissa_iters=qpissa_iters,
-                                quant_blocksize=quant_blocksize, double_quant=double_quant)
+                                quant_blocksize=quant_blocksize, double_quant=double_quant,
+                                qpissa_start=qpissa_start, qpissa_scales=qpissa_scales)
     quantization = transform.settings() if quantize is not None else None
     key = run_key(ckpt, spec, transform)
     state = outdir.check_out_dir(out, key, overwrite)
@@ -340,7 +352,7 @@ def init_checkpoint(model: str, out: str, *, target_modules, r: int = 16, lora_a
                 f"niter={'exact' if niter is None else niter} seed={seed} device={dev}")
     if quantize is not None:
         settings += (f" quantize={quantize}{' double_quant' if double_quant else ''} "
-                     f"qpissa_iters={transform.iters}")
+                     f"qpissa_iters={transform.iters} start={transform.start} scales={transform.scales}")
     seconds = dict(plan=0.0, decompose=0.0, read_wait=0.0, write_drain=0.0, finish=0.0)
 
     if state == outdir.MOVING:  # both outputs were complete: only the final renames are left

@@ -137,6 +137,8 @@ class QPissaTransform:
     use_rslora: bool = False
     seed: int = 0
     spec: object = None  # pissa_fast.quant.QuantSpec (default NF4, blocksize 64, no double quantization)
+    start: str | None = None  # qpissa's start and scales (None: its defaults, quant.qpissa.DEFAULT_*)
+    scales: str | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     errors: dict = field(default_factory=dict)
     inexact: set = field(default_factory=set)
@@ -146,8 +148,11 @@ class QPissaTransform:
 
     def __post_init__(self):
         from ..quant import QuantSpec
+        from ..quant.qpissa import DEFAULT_SCALES, DEFAULT_START
 
         self.spec = self.spec or QuantSpec()
+        self.start = self.start or DEFAULT_START
+        self.scales = self.scales or DEFAULT_SCALES
 
     scaling = PissaTransform.scaling
 
@@ -158,7 +163,8 @@ class QPissaTransform:
         import bitsandbytes
 
         from ..quant.settings import settings
-        return settings(self.spec, iters=self.iters, niter=self.niter, bnb_version=bitsandbytes.__version__)
+        return settings(self.spec, iters=self.iters, niter=self.niter, bnb_version=bitsandbytes.__version__,
+                        start=self.start, scales=self.scales)
 
     def adapter_files(self) -> dict[str, str]:
         import json
@@ -169,7 +175,8 @@ class QPissaTransform:
     def run_key(self) -> dict:
         return {"method": "qpissa", "r": self.r, "lora_alpha": self.lora_alpha, "niter": self.niter,
                 "iters": self.iters, "quant": self.spec.quant_type, "blocksize": self.spec.blocksize,
-                "double_quant": self.spec.double_quant, "use_rslora": self.use_rslora, "seed": self.seed,
+                "double_quant": self.spec.double_quant, "start": self.start, "scales": self.scales,
+                "use_rslora": self.use_rslora, "seed": self.seed,
                 "device": self.device.type, "residual": self.RESIDUAL_CODE,
                 "bitsandbytes": self.settings()["bitsandbytes"]}
 
@@ -188,7 +195,7 @@ class QPissaTransform:
             part = {k: m for k, m in mats.items() if weight_seed(self.seed, k) == s}
             outs.update(qpissa_many(part, self.r, self.niter, iters=self.iters, quant=self.spec.quant_type,
                                     blocksize=self.spec.blocksize, double_quant=self.spec.double_quant,
-                                    inplace=True, seed=s))
+                                    start=self.start, scales=self.scales, inplace=True, seed=s))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.seconds += time.perf_counter() - t0

@@ -32,7 +32,7 @@ from .error import quant_error
 from .loftq import loftq, loftq_reference, qlora
 from .fit import fit_blocks_
 from .nf4 import BLOCKSIZES, QUANT_TYPES, QuantSpec, fake_quantize
-from .qpissa import SCALES, STARTS, qpissa
+from .qpissa import DEFAULT_SCALES, DEFAULT_START, SCALES, STARTS, qpissa
 
 _PROJ_RE = re.compile(r"(?:^|\.)(" + "|".join(map(re.escape, PROJECTIONS)) + r")\.weight$")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -89,7 +89,7 @@ def _sync(device):
 
 
 def measure(W: torch.Tensor, *, r: int, iters: int, niter, spec: QuantSpec, with_loftq: bool = True,
-            seed: int = 0, start: str = "pissa", scales: str = "absmax") -> dict:
+            seed: int = 0, start: str = DEFAULT_START, scales: str = DEFAULT_SCALES) -> dict:
     """One layer: errors and times of QLoRA, LoftQ (1..iters rounds), QPiSSA (1..iters rounds)."""
     dev = W.device
     rec: dict = {"shape": list(W.shape), "dtype": str(W.dtype).removeprefix("torch.")}
@@ -154,7 +154,7 @@ def measure(W: torch.Tensor, *, r: int, iters: int, niter, spec: QuantSpec, with
 
 
 def bench_qpissa(weights, *, r: int = 16, iters: int = 5, niter=4, spec: QuantSpec | None = None,
-                 with_loftq: bool = True, seed: int = 0, start: str = "pissa", scales: str = "absmax",
+                 with_loftq: bool = True, seed: int = 0, start: str = DEFAULT_START, scales: str = DEFAULT_SCALES,
                  progress: bool = False) -> list[dict]:
     """Measure every (name, W) of `weights`; returns one record per layer (see `measure`)."""
     spec = spec or QuantSpec()
@@ -345,12 +345,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="rounds T of LoftQ and QPiSSA; both are reported after 1..T (default: 5)")
     parser.add_argument("--niter", type=parse_niter, default=4,
                         help="QPiSSA's top-r step: niter of pissa_fast.decompose, or 'exact' (default: 4)")
-    parser.add_argument("--start", default="pissa", choices=sorted(STARTS),
+    parser.add_argument("--start", default=DEFAULT_START, choices=sorted(STARTS),
                         help="QPiSSA's start: pissa (the paper's), quantized (LoftQ's) or best (both, the lower "
                         "kept per matrix; default: pissa)")
-    parser.add_argument("--scales", default="absmax", choices=SCALES,
-                        help="QPiSSA's block scales: absmax (bnb's rounding) or search (error-minimizing, "
-                        "still exact under bnb; default: absmax)")
+    parser.add_argument("--scales", default=DEFAULT_SCALES, choices=SCALES,
+                        help="QPiSSA's block scales: search (error-minimizing, still exact under bnb; the "
+                        "default) or absmax (bnb's own rounding, as the paper)")
     parser.add_argument("--quant", default="nf4", choices=QUANT_TYPES)
     parser.add_argument("--blocksize", type=int, default=64, choices=BLOCKSIZES)
     parser.add_argument("--double-quant", action="store_true", help="bnb double quantization")

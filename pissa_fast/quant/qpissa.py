@@ -9,9 +9,19 @@ rounds does
     (A, B) = top-r of (W - R_t)           (pissa_fast.decompose_many: randomized, batched, in place)
 
 and reports e_t = ||W - (R_t + B_t A_t)||_F / ||W||_F (float64, see error.py). The round with the
-lowest error is returned,
-so the error never increases with T. Its residual is checked to load back bit for bit through
-bitsandbytes (and so through transformers' BitsAndBytesConfig(load_in_4bit=True)).
+lowest error is returned, so the error never increases with T. Its residual is checked to load back
+bit for bit through bitsandbytes (and so through transformers' BitsAndBytesConfig(load_in_4bit=True)).
+
+Two refinements of the paper's loop, both measured in benchmarks/RESULTS.md (QPiSSA section):
+- scales="search" (the default): nf4(.) is not bnb's absmax rounding but, per block, the scale (a
+  fraction of the absmax) with the lowest error, or the last round's block where that is closer
+  (quant/fit.py). bnb loads the result bit for bit, and the quantization step becomes a descent step
+  of the alternating minimization of ||W - R - B A||, which bnb's rounding is not. ~5 % lower error,
+  ~2x the time of a round. scales="absmax" is the paper's loop.
+- start="best": the paper's start (PiSSA's factors) and LoftQ's (B A = 0: round 1 quantizes W) run
+  in lockstep and the lower error is kept per weight. On matrices with flat spectra (a transformer's
+  MLP projections, s_16 / s_1 ~ 0.4-0.9) the principal part is no outlier and LoftQ's start ends
+  ~1-2 % lower after a few rounds; on spiky spectra PiSSA's start wins by far. Twice the work.
 
 Memory, per weight of a call: besides W itself, one working buffer in W's dtype (W - B A, then
 W - R, then the top-r step's in-place residual, in turn), the packed codes of the current and of the
@@ -40,6 +50,7 @@ from .fit import fit_blocks_
 
 STARTS = {"pissa": ("pissa",), "quantized": ("quantized",), "best": ("pissa", "quantized")}
 SCALES = ("absmax", "search")
+DEFAULT_START, DEFAULT_SCALES = "pissa", "search"  # measured: see the module docstring
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -121,19 +132,19 @@ def _check_disjoint(items, single):
 
 
 def qpissa(weight: torch.Tensor, r: int, niter: int | None = 4, *, iters: int = 1, quant: str = "nf4",
-           blocksize: int = 64, double_quant: bool = False, start: str = "pissa", scales: str = "absmax",
+           blocksize: int = 64, double_quant: bool = False, start: str = DEFAULT_START, scales: str = DEFAULT_SCALES,
            inplace: bool = False, method: str | None = None, oversample: int | None = None, seed: int = 0,
            verify: bool = True, on_round=None) -> QPiSSADecomposition:
     """QPiSSA-decompose one weight W (out x in, float32/bf16/fp16): W ~ R + B A with R exactly
     representable in bitsandbytes' 4-bit `quant` format and (A, B) the top-r factors of W - R.
 
-    iters: rounds T of R = nf4(W - B A), (A, B) = top-r(W - R), starting from PiSSA's factors of W.
+    iters: rounds T of R = nf4(W - B A), (A, B) = top-r(W - R).
     start: "pissa" (the paper's: B A = PiSSA's factors of W before round 1), "quantized" (LoftQ's:
         B A = 0, so round 1 quantizes W itself) or "best" (both, in lockstep; per weight the one with the
         lower error after `iters` rounds is returned: about twice the time and working memory).
-    scales: "absmax" (bnb's own rounding: every block scaled by its absmax) or "search" (per block the
-        scale of nf4 quantization that minimizes the error, still loaded bit for bit by bnb, and never
-        worse than the previous round's block: see quant/fit.py).
+    scales: "search" (per block the scale that minimizes the error, still loaded bit for bit by bnb,
+        and never worse than the previous round's block: see quant/fit.py) or "absmax" (bnb's own
+        rounding, every block scaled by its absmax: the paper's loop).
     niter, method, oversample, seed: the top-r step, as in pissa_fast.decompose (None: exact SVD).
     quant ("nf4" or "fp4"), blocksize, double_quant: the bnb format. transformers loads with
         blocksize 64, the default; QuantSpec.bnb_config_kwargs() gives the matching BitsAndBytesConfig.
@@ -151,7 +162,7 @@ def qpissa(weight: torch.Tensor, r: int, niter: int | None = 4, *, iters: int = 
 @torch.no_grad()
 def qpissa_many(weights: Mapping[Any, torch.Tensor] | Sequence[torch.Tensor], r: int,
                 niter: int | None = 4, *, iters: int = 1, quant: str = "nf4", blocksize: int = 64,
-                double_quant: bool = False, start: str = "pissa", scales: str = "absmax",
+                double_quant: bool = False, start: str = DEFAULT_START, scales: str = DEFAULT_SCALES,
                 inplace: bool = False, method: str | None = None,
                 oversample: int | None = None, seed: int = 0, verify: bool = True,
                 progress: bool = False, on_round=None, _single: bool = False):

@@ -19,11 +19,12 @@ SETTINGS_FILE = "pissa_fast_quantization.json"
 RESIDUAL_DTYPE = "bfloat16"  # bnb quantizes in the dtype a checkpoint is loaded in: the residual's own
 
 
-def settings(spec: QuantSpec, *, iters: int, niter, bnb_version: str) -> dict:
+def settings(spec: QuantSpec, *, iters: int, niter, bnb_version: str, start: str, scales: str) -> dict:
     """What a loader needs (the BitsAndBytesConfig arguments and the dtype to load in) and how the
     residual was made."""
     return {"method": "qpissa", "bnb_config": spec.bnb_config_kwargs(), "dtype": RESIDUAL_DTYPE,
-            "blocksize": spec.blocksize, "qpissa_iters": iters, "niter": niter, "bitsandbytes": bnb_version}
+            "blocksize": spec.blocksize, "qpissa_iters": iters, "niter": niter, "qpissa_start": start,
+            "qpissa_scales": scales, "bitsandbytes": bnb_version}
 
 
 def _settings_path(path: str) -> str:
