@@ -12,16 +12,22 @@ and reports e_t = ||W - (R_t + B_t A_t)||_F / ||W||_F (float64, see error.py). T
 lowest error is returned, so the error never increases with T. Its residual is checked to load back
 bit for bit through bitsandbytes (and so through transformers' BitsAndBytesConfig(load_in_4bit=True)).
 
-Two refinements of the paper's loop, both measured in benchmarks/RESULTS.md (QPiSSA section):
+Two refinements of the paper's loop, measured with `python benchmarks/qpissa_variants.py CHECKPOINT
+--max-matrices 14` on SmolLM2-135M's decoder layers 0-1 (r 16, T 5, against LoftQ's loop; numbers in
+benchmarks/RESULTS.md, QPiSSA section):
 - scales="search" (the default): nf4(.) is not bnb's absmax rounding but, per block, the scale (a
   fraction of the absmax) with the lowest error, or the last round's block where that is closer
   (quant/fit.py). bnb loads the result bit for bit, and the quantization step becomes a descent step
-  of the alternating minimization of ||W - R - B A||, which bnb's rounding is not. ~5 % lower error,
-  ~2x the time of a round. scales="absmax" is the paper's loop.
+  of the alternating minimization of ||W - R - B A||, which bnb's rounding is not. Measured: mean error
+  6.77e-2 instead of 7.14e-2 at T 5 (5 % lower), below LoftQ on 14/14 matrices at every T (absmax:
+  10/14 at T 5), for ~4.5x the time of a call (median; ~1.25x LoftQ's full-SVD loop on these small
+  matrices on CPU). Part of the gain is the quantizer itself: nf4(W) with searched scales alone has
+  8.5e-2 instead of 9.3e-2. scales="absmax" is the paper's loop and the fast choice.
 - start="best": the paper's start (PiSSA's factors) and LoftQ's (B A = 0: round 1 quantizes W) run
   in lockstep and the lower error is kept per weight. On matrices with flat spectra (a transformer's
-  MLP projections, s_16 / s_1 ~ 0.4-0.9) the principal part is no outlier and LoftQ's start ends
-  ~1-2 % lower after a few rounds; on spiky spectra PiSSA's start wins by far. Twice the work.
+  MLP projections, s_16 / s_1 ~ 0.4-0.9) the principal part is no outlier and LoftQ's start ends up
+  to ~2 % lower after a few rounds; on spiky spectra PiSSA's start wins by far. Twice the work; alone
+  (with absmax) it is not enough to stay below LoftQ everywhere (12/14 at T 5), so it is not the default.
 
 Memory, per weight of a call: besides W itself, one working buffer in W's dtype (W - B A, then
 W - R, then the top-r step's in-place residual, in turn), the packed codes of the current and of the
