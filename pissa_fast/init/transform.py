@@ -45,12 +45,13 @@ class Transform(Protocol):
 
 
 def weight_seed(seed: int, name: str) -> int:
-    """The seed of one weight's random test matrix. Today every weight draws from the run's seed, as
-    pissa_fast.decompose(w, seed=seed) and the peft drop-in do, so the CLI's adapter is the drop-in's
-    bit for bit; the name is in the signature so a per-weight stream can come without touching the
-    callers. Either way the result depends on (seed, name) only, never on grouping or ranks."""
-    del name
-    return int(seed)
+    """The seed of one weight's random test matrix: pissa_fast.distributed.weight_seed(seed, name) of
+    its checkpoint name, as decompose_many derives it for sharded weights. The result depends on
+    (seed, name) only, never on grouping, on ranks or on which other weights share a call; it equals
+    pissa_fast.decompose(w, seed=weight_seed(seed, name))."""
+    from ..distributed.seeding import weight_seed as derive
+
+    return derive(int(seed), name)
 
 
 @dataclass
