@@ -144,10 +144,11 @@ def _poll(ready: Callable[[], bool], timeout_s: float) -> bool:
     return True
 
 
-def check_team(staging: str, token: str, rank: int, timeout_s: float = VISIBLE_TIMEOUT_S) -> None:
+def check_team(staging: str, token: str, rank: int, timeout_s: float | None = None) -> None:
     """This rank sees the staging folder rank 0 prepared, i.e. OUT is shared with rank 0. Raises
-    CheckpointError after timeout_s otherwise (before this rank writes anything)."""
+    CheckpointError after timeout_s (default VISIBLE_TIMEOUT_S) otherwise, before this rank writes."""
     path = os.path.join(staging, TEAM_FILE)
+    timeout_s = VISIBLE_TIMEOUT_S if timeout_s is None else timeout_s
 
     def ready() -> bool:
         try:
@@ -162,9 +163,9 @@ def check_team(staging: str, token: str, rank: int, timeout_s: float = VISIBLE_T
                               f"filesystem such as NFS or Lustre when the ranks are on several hosts)")
 
 
-def wait_visible(staging: str, shards: list, done: Callable[[str], bool],
-                 timeout_s: float = VISIBLE_TIMEOUT_S) -> None:
+def wait_visible(staging: str, shards: list, done: Callable[[str], bool], timeout_s: float | None = None) -> None:
     """Rank 0: wait until every shard the ranks reported finished shows complete in staging."""
+    timeout_s = VISIBLE_TIMEOUT_S if timeout_s is None else timeout_s
     for shard in shards:
         if not _poll(lambda: done(shard), timeout_s):
             raise CheckpointError(f"{shard}: another rank reported it finished, but rank 0 (host "
