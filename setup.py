@@ -86,7 +86,9 @@ def extensions():
         return [CppExtension("pissa_fast._C", sources, extra_compile_args={"cxx": cxx},
                              py_limited_api=False)]
     archs = _arch_list()
-    sources += sorted(glob.glob("csrc/cuda/*.cu"))
+    # csrc/cuda/*.cpp: host code that needs the CUDA headers (the switch between the kernels and the
+    # ATen passes); *.cu: the kernels.
+    sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
     define = [("PISSA_FAST_CUDA_ARCHS", '"%s"' % archs.replace(";", ","))]
     nvcc = ["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]
     nvcc += ["-std=c++20", "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC"]

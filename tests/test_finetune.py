@@ -1,5 +1,6 @@
 """The fine-tuning benchmark: task generator, adapter builders, and a two-step smoke run of the whole
 command on a tiny LLaMA built from a config (never the downloaded model; nothing is downloaded)."""
+import importlib.util
 import json
 import re
 
@@ -26,21 +27,27 @@ def char_tokenizer():
                                                 eos_token="</s>")
 
 
-def tiny_llama(vocab_size, seed=0):
-    cfg = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                   tie_word_embeddings=True, pad_token_id=1, eos_token_id=2, bos_token_id=None)
+def tiny_llama(vocab_size, seed=0, hidden=32, intermediate=48):
+    cfg = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=512, tie_word_embeddings=True, pad_token_id=1,
+                                   eos_token_id=2, bos_token_id=None)
     torch.manual_seed(seed)
     return transformers.LlamaForCausalLM(cfg).float()
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_llama")
+
+def _save_tiny(path, **dims):
     tok = char_tokenizer()
-    tiny_llama(len(tok)).save_pretrained(path)
+    tiny_llama(len(tok), **dims).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    return _save_tiny(tmp_path_factory.mktemp("tiny_llama"))
+
 
 
 # ------------------------------------------------------------------------------------------- task
@@ -116,14 +123,19 @@ def test_component_slice():
         M.component_slice(4, 1, "largest")
 
 
-def test_planned_and_unknown_methods_say_why():
-    with pytest.raises(ValueError, match="pissa_fast.qpissa"):
-        M.get_method("qpissa")
-    with pytest.raises(ValueError, match="pissa_fast.qpissa"):
-        M.get_method("qlora")
-    with pytest.raises(ValueError, match="choose from lora, pissa"):
+def test_every_method_name_is_registered_and_unknown_ones_say_the_choices():
+    assert tuple(M.METHODS) == M.ALL_METHOD_NAMES
+    assert set(M.QUANT_METHODS) <= set(M.METHODS) and not set(M.QUANT_METHODS) & set(M.DEFAULT_METHODS)
+    with pytest.raises(ValueError, match="choose from lora, pissa, pissa_middle, pissa_minor, qlora, qpissa"):
         M.get_method("dora")
-    assert set(M.METHODS) | set(M.PLANNED) == set(M.ALL_METHOD_NAMES)
+
+
+def test_run_order_keeps_each_comparison_together():
+    from pissa_fast.finetune.run import run_order
+
+    order = run_order(["pissa_minor", "qpissa", "lora", "qlora", "pissa"], [1, 4])
+    assert order == [("lora", 1), ("pissa", 1), ("lora", 4), ("pissa", 4), ("qpissa", 1), ("qlora", 1),
+                     ("qpissa", 4), ("qlora", 4), ("pissa_minor", 1), ("pissa_minor", 4)]
 
 
 def _base_weights(model):
@@ -193,12 +205,15 @@ def test_exact_svds_are_shared_between_runs_and_recomputed_when_the_weight_chang
 
 def test_every_method_trains_the_same_parameters():
     counts = {}
-    for name in M.METHODS:
+    has_bnb = importlib.util.find_spec("bitsandbytes") is not None
+    for name in [n for n in M.METHODS if has_bnb or n not in M.QUANT_METHODS]:
         torch.manual_seed(0)
-        pm = M.get_method(name).build(tiny_llama(40), M.AdapterSettings(r=2, lora_alpha=2.0))
+        # 64 wide: the quantized methods need whole 64-blocks of in_features (test_finetune_quant.py)
+        pm = M.get_method(name).build(tiny_llama(40, hidden=64, intermediate=128),
+                                      M.AdapterSettings(r=2, lora_alpha=2.0, qpissa_iters=1))
         counts[name] = M.trainable_parameters(pm)
-    # 2 layers x r (in + out) over q, k, v, o (32x32, 16x32, 16x32, 32x32) and gate, up, down (48x32, 48x32, 32x48)
-    per_layer = 2 * ((32 + 32) + (32 + 16) * 2 + (32 + 32) + (32 + 48) * 3)
+    # 2 layers x r (in + out) over q, k, v, o (64x64, 32x64, 32x64, 64x64), gate, up, down (128x64 x2, 64x128)
+    per_layer = 2 * ((64 + 64) + (64 + 32) * 2 + (64 + 64) + (64 + 128) * 3)
     assert set(counts.values()) == {2 * per_layer}, counts
 
 
@@ -276,14 +291,29 @@ def test_an_interrupted_run_keeps_the_finished_runs(tiny_checkpoint, tmp_path, m
     assert (out / "fig2_1_loss_vs_step.png").exists()
 
 
-def test_run_rejects_bad_arguments_before_writing(tiny_checkpoint, tmp_path, capsys):
+def test_run_rejects_bad_arguments_before_writing(tiny_checkpoint, tmp_path, capsys, monkeypatch):
     from pissa_fast.cli import main
     from pissa_fast.finetune.run import run_finetune
+    from pissa_fast.quant import nf4
 
     out = tmp_path / "never"
     with pytest.raises(SystemExit):
-        main(["bench-finetune", "--model", tiny_checkpoint, "--methods", "lora,qpissa", "--out", str(out)])
-    assert "pissa_fast.qpissa" in capsys.readouterr().err
+        main(["bench-finetune", "--model", tiny_checkpoint, "--methods", "lora,dora", "--out", str(out)])
+    assert "unknown method 'dora'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench-finetune", "--model", tiny_checkpoint, "--qpissa-iters", "0", "--out", str(out)])
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        assert main(["bench-finetune", "--model", tiny_checkpoint, "--methods", "lora,qlora", "--out", str(out),
+                     "--no-progress"]) == 2
+        assert "in_features 32 is not a multiple of the NF4 blocksize 64" in capsys.readouterr().err
+
+    def no_bnb():
+        raise ImportError(f"4-bit quantization needs bitsandbytes: {nf4.INSTALL_HINT}")
+
+    monkeypatch.setattr(nf4, "bnb_functional", no_bnb)
+    assert main(["bench-finetune", "--model", tiny_checkpoint, "--methods", "qpissa", "--out", str(out)]) == 2
+    assert "pissa_fast[quant]" in capsys.readouterr().err
+    monkeypatch.undo()
     with pytest.raises(SystemExit):
         main(["bench-finetune", "--model", tiny_checkpoint, "--ranks", "0", "--out", str(out)])
     assert main(["bench-finetune", "--model", tiny_checkpoint, "--ranks", "64", "--out", str(out),

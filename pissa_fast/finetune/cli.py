@@ -72,8 +72,9 @@ def _niter(text: str):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Fine-tune a real pretrained LLM (SmolLM2-135M-Instruct, fetched from PyPI and converted once) on a "
-        "synthetic arithmetic task with LoRA, PiSSA and PiSSA on middle / minor singular components, at equal "
-        "trainable parameters and hyperparameters; write results.json, report.md and the paper's figures. "
+        "synthetic arithmetic task with LoRA, PiSSA and PiSSA on middle / minor singular components (and, on "
+        "request, QLoRA against QPiSSA with simulated NF4 quantization), at equal trainable parameters and "
+        "hyperparameters; write results.json, report.md and the paper's figures. "
         f"Default: methods {','.join(M.DEFAULT_METHODS)}, ranks {','.join(map(str, R.DEFAULT_RANKS))}, "
         f"{R.DEFAULT_STEPS} steps of batch {R.DEFAULT_BATCH}, on the CPU.")
     g = parser.add_argument_group("model")
@@ -85,7 +86,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    "checkpoint folder (for `pissa-fast bench --model PATH`) and exit")
     g = parser.add_argument_group("comparison")
     g.add_argument("--methods", type=_methods, default=list(M.DEFAULT_METHODS), metavar="LIST",
-                   help=f"comma-separated, from {', '.join(M.METHODS)} (default: all of them)")
+                   help=f"comma-separated, from {', '.join(M.METHODS)} (default: {','.join(M.DEFAULT_METHODS)}; "
+                   f"{' and '.join(M.QUANT_METHODS)} are opt-in and need bitsandbytes)")
     g.add_argument("--ranks", type=_ints, default=list(R.DEFAULT_RANKS), metavar="LIST",
                    help=f"comma-separated LoRA ranks (default {','.join(map(str, R.DEFAULT_RANKS))})")
     g.add_argument("--steps", type=_positive_int, default=R.DEFAULT_STEPS, help=f"training steps per run (default {R.DEFAULT_STEPS})")
@@ -95,6 +97,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="lora_alpha; 'r' (default) sets it to the rank, scaling 1, as the PiSSA paper does")
     g.add_argument("--niter", type=_niter, default=R.DEFAULT_NITER,
                    help=f"pissa_fast's subspace iterations for PiSSA, or 'exact' (default {R.DEFAULT_NITER})")
+    g.add_argument("--qpissa-iters", type=_positive_int, default=M.DEFAULT_QPISSA_ITERS, metavar="T",
+                   help=f"QPiSSA's rounds R = nf4(W - BA), (A, B) = top-r(W - R) (default {M.DEFAULT_QPISSA_ITERS}, "
+                   "as the PiSSA authors' QPiSSA models)")
     g.add_argument("--seed", type=int, default=0, help="task examples and random inits (default 0)")
     g = parser.add_argument_group("machine and output")
     g.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's own)")
@@ -110,7 +115,10 @@ def _command(args, out: str) -> str:
     parts += ["--methods", ",".join(args.methods), "--ranks", ",".join(map(str, args.ranks)),
               "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--lr", f"{args.lr:g}",
               "--lora-alpha", "r" if args.lora_alpha is None else f"{args.lora_alpha:g}",
-              "--niter", "exact" if args.niter is None else str(args.niter), "--seed", str(args.seed)]
+              "--niter", "exact" if args.niter is None else str(args.niter)]
+    if "qpissa" in args.methods:
+        parts += ["--qpissa-iters", str(args.qpissa_iters)]
+    parts += ["--seed", str(args.seed)]
     if args.threads:
         parts += ["--threads", str(args.threads)]
     parts += ["--out", out]
@@ -133,10 +141,11 @@ def run(args) -> int:
     try:
         results = R.run_finetune(out=out, model=args.model, cache_dir=args.cache_dir, methods=args.methods,
                                  ranks=args.ranks, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                                 lora_alpha=args.lora_alpha, niter=args.niter, seed=args.seed, threads=args.threads,
+                                 lora_alpha=args.lora_alpha, niter=args.niter, qpissa_iters=args.qpissa_iters,
+                                 seed=args.seed, threads=args.threads,
                                  plots=not args.no_plots, progress=False if args.no_progress else None,
                                  command=_command(args, out))
-    except ValueError as e:
+    except (ValueError, ImportError) as e:  # bad arguments, or bitsandbytes missing for qlora/qpissa
         print(f"pissa-fast bench-finetune: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

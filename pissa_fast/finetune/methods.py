@@ -10,14 +10,26 @@ initialization of lora_A, lora_B and the frozen base weight differs:
 - `pissa_middle` / `pissa_minor`: the same construction on the r singular triplets in the middle of the
   spectrum / the r smallest ones (the paper's Figure 3), from an exact float64 SVD, written into the
   peft layers with peft's PiSSA conventions (lora_A = sqrt(S/scaling) Vᵀ, lora_B = U sqrt(S/scaling),
-  base = W - scaling lora_B lora_A).
+  base = W - scaling lora_B lora_A);
+- `qlora`: the base weight replaced by dequantize(nf4(W)) (bitsandbytes' own quantizer, through
+  pissa_fast.quant.qlora), then peft's Gaussian LoRA init, so its adapter is `lora`'s exactly;
+- `qpissa`: pissa_fast.qpissa_many on the targeted weights: the base weight becomes the NF4-exact residual R
+  (dequantized), the adapter its factors with peft's PiSSA scaling (lora_A = A / sqrt(scaling),
+  lora_B = B / sqrt(scaling), so scaling lora_B lora_A = B A and W ~ R + B A).
 
-Adding a method (QLoRA and QPiSSA once pissa_fast.qpissa lands): write a `build(model, settings)` that
-returns the peft model, and add a `Method(...)` line to `_REGISTRY`; the runner, results.json, the plots
-and the report pick it up by name. Until then those names are in `PLANNED` and asking for them says why.
+The two quantized methods are simulated on the CPU: the NF4 codes are bitsandbytes', but the model holds
+their dequantized values in float32 and runs float32 matmuls (no 4-bit kernels, no bf16 compute). Both use
+the same format (`quant_spec()`) on the same layers: the targeted projections, i.e. every Linear layer but
+lm_head, which is what a transformers 4-bit load quantizes.
+
+Adding a method: write a `build(model, settings)` that returns the peft model, and add a `Method(...)`
+line to `_REGISTRY`; the runner, results.json, the plots and the report pick it up by name. A builder may
+record facts about its init (quantization error, ...) in `settings.stats`; the runner stores them with
+the run.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -27,6 +39,14 @@ import torch
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # The method names results.json may hold, in the order tables and plots list them.
 ALL_METHOD_NAMES = ("lora", "pissa", "pissa_middle", "pissa_minor", "qlora", "qpissa")
+QUANT_METHODS = ("qlora", "qpissa")
+# QPiSSA's rounds R = nf4(W - B A), (A, B) = top-r(W - R). 5 is what the PiSSA authors' published QPiSSA
+# fine-tuning runs use ("...-4bit-r128-5iter" residual models, GraphPKU/PiSSA scripts/run_qpissa.sh).
+# On SmolLM2's layers 0-1 at r 16 (benchmarks/RESULTS.md, issue 12) the mean error goes 7.70e-2 (1 round)
+# -> 7.14e-2 (5 rounds) against QLoRA's 9.51e-2; README "Fine-tuning benchmark" gives the init time.
+DEFAULT_QPISSA_ITERS = 5
+# Layers per qpissa_many call: bounds the working memory to a few weights at a time (see quant/qpissa.py).
+QPISSA_GROUP = 8
 
 
 @dataclass(frozen=True)
@@ -39,6 +59,9 @@ class AdapterSettings:
     # Exact SVDs by layer name, shared by the runs of one benchmark (every run loads the same checkpoint):
     # the middle/minor methods then decompose each weight once, not once per (method, rank).
     svd_cache: dict | None = field(default=None, compare=False, repr=False)
+    qpissa_iters: int = DEFAULT_QPISSA_ITERS
+    # Where a builder records facts about its init (the quantized methods' errors); the runner keeps them.
+    stats: dict | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -47,7 +70,7 @@ class Method:
     label: str  # legend text
     color: str
     build: Callable[[torch.nn.Module, AdapterSettings], torch.nn.Module]
-    figures: tuple[str, ...]  # "2": LoRA-vs-PiSSA figures 2.1/2.2; "3": principal/middle/minor figure
+    figures: tuple[str, ...]  # "2": LoRA-vs-PiSSA figures 2.1/2.2; "q": QLoRA vs QPiSSA; "3": components
     description: str
 
 
@@ -131,6 +154,108 @@ def init_components(peft_model, which: str, adapter_name: str = "default", svd_c
     return n
 
 
+def quant_spec():
+    """The 4-bit format of both quantized methods: NF4, blocksize 64 (what transformers' 4-bit load uses),
+    no double quantization (which only stores the block scales in 8 bits; it is left out so that the
+    residual stays NF4-exact in float32, see quant/nf4.py)."""
+    from pissa_fast.quant import QuantSpec
+
+    return QuantSpec("nf4", 64, False)
+
+
+def adapter_layers(peft_model, adapter_name: str = "default") -> list:
+    """(name, LoraLayer) of every layer holding `adapter_name`, in module order."""
+    from peft.tuners.lora import LoraLayer
+
+    return [(name, layer) for name, layer in peft_model.named_modules()
+            if isinstance(layer, LoraLayer) and adapter_name in layer.r]
+
+
+def _quantizable_weight(name: str, layer, blocksize: int) -> torch.Tensor:
+    w = layer.get_base_layer().weight
+    if layer.fan_in_fan_out:
+        raise TypeError(f"{name}: a Conv1D (fan_in_fan_out) base layer stores W transposed; the quantized "
+                        f"methods support Linear layers only")
+    if w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"{name}: base weight of dtype {w.dtype} cannot be NF4-quantized (float32, float16 or "
+                        f"bfloat16 expected)")
+    problem = cpu_blocksize_problem(name, tuple(w.shape), w.device.type, blocksize)
+    if problem:
+        raise ValueError(problem)
+    return w
+
+
+def cpu_blocksize_problem(name: str, shape: tuple[int, int], device_type: str, blocksize: int) -> str | None:
+    """Why a weight cannot be NF4-quantized correctly here, or None.
+
+    bitsandbytes 0.50.2's native CPU dequantize_4bit starts a block at every row while quantize_4bit lays
+    blocks over the flattened tensor: with in_features not a multiple of the blocksize the two disagree and
+    the "quantized" weight is off by 2-4x NF4's own error (measured on 16x32 to 64x96 weights)."""
+    if device_type == "cpu" and shape[-1] % blocksize:
+        return (f"{name}: in_features {shape[-1]} is not a multiple of the NF4 blocksize {blocksize}; "
+                f"bitsandbytes' CPU dequantize_4bit gives wrong values for such weights, so qlora/qpissa cannot "
+                f"run on this model on the CPU")
+    return None
+
+
+def _record(stats: dict | None, **facts) -> None:
+    if stats is not None:
+        stats.update(facts)
+
+
+@torch.no_grad()
+def quantize_base_weights(peft_model, stats: dict | None = None, adapter_name: str = "default") -> list[float]:
+    """QLoRA's base: every base weight of `adapter_name`'s layers replaced, in place, by
+    dequantize(nf4(W)) in its own dtype (bitsandbytes' quantizer, pissa_fast.quant.qlora). Returns the
+    per-layer errors ||W - Q||_F / ||W||_F (float64), also recorded in `stats`."""
+    from pissa_fast.quant import qlora, quant_error
+
+    spec, errors = quant_spec(), []
+    layers = adapter_layers(peft_model, adapter_name)
+    weights = [_quantizable_weight(name, layer, spec.blocksize) for name, layer in layers]  # all checked first
+    for w in weights:
+        q = qlora(w, spec)
+        errors.append(quant_error(w.detach(), q))
+        w.copy_(q)
+    _record(stats, quantized_layers=len(errors), quant_error_mean=math.fsum(errors) / max(1, len(errors)),
+            quant_error_max=max(errors, default=0.0))
+    return errors
+
+
+@torch.no_grad()
+def init_qpissa(peft_model, r: int, niter: int | None, iters: int, stats: dict | None = None,
+                adapter_name: str = "default") -> list[float]:
+    """QPiSSA: pissa_fast.qpissa_many on the base weights of `adapter_name`'s layers, QPISSA_GROUP at a
+    time, in place: each base weight becomes its NF4-exact residual R (dequantized, in its dtype), lora_A /
+    lora_B become A / sqrt(scaling), B / sqrt(scaling) (peft's PiSSA conventions). Returns the per-layer
+    errors ||W - (R + B A)||_F / ||W||_F that qpissa reports (float64), also recorded in `stats` with the
+    mean error after each round and whether every residual loads back bit for bit through bnb."""
+    from pissa_fast.quant import qpissa_many
+
+    spec = quant_spec()
+    layers = adapter_layers(peft_model, adapter_name)
+    weights = [_quantizable_weight(name, layer, spec.blocksize) for name, layer in layers]  # all checked first
+    errors, by_round, exact = [], [], []
+    for lo in range(0, len(layers), QPISSA_GROUP):
+        group = layers[lo:lo + QPISSA_GROUP]
+        outs = qpissa_many([w.detach() for w in weights[lo:lo + QPISSA_GROUP]], r, niter, iters=iters,
+                           quant=spec.quant_type, blocksize=spec.blocksize, double_quant=spec.double_quant,
+                           inplace=True)
+        for (name, layer), d in zip(group, outs):
+            root = math.sqrt(float(layer.scaling[adapter_name]))
+            for module, value in ((layer.lora_A[adapter_name], d.A / root), (layer.lora_B[adapter_name], d.B / root)):
+                module.weight.copy_(value.to(module.weight.dtype))
+            errors.append(d.error)
+            by_round.append(d.errors)
+            exact.append(d.exact)
+    n = max(1, len(errors))
+    _record(stats, quantized_layers=len(errors), quant_error_mean=math.fsum(errors) / n,
+            quant_error_max=max(errors, default=0.0), qpissa_iters=iters,
+            quant_error_by_round=[math.fsum(e[t] for e in by_round) / n for t in range(iters)] if by_round else [],
+            nf4_exact=all(x is True for x in exact))
+    return errors
+
+
 def _build_lora(model, s: AdapterSettings):
     import peft
 
@@ -152,6 +277,24 @@ def _components_builder(which: str):
     return build
 
 
+def _build_qlora(model, s: AdapterSettings):
+    import peft
+
+    # The Gaussian A is drawn as in `lora` (quantizing draws no random numbers), so with the same seed the
+    # two runs differ only in the base weights.
+    peft_model = peft.get_peft_model(model, lora_config(s, "gaussian"))
+    quantize_base_weights(peft_model, s.stats)
+    return peft_model
+
+
+def _build_qpissa(model, s: AdapterSettings):
+    import peft
+
+    peft_model = peft.get_peft_model(model, lora_config(s, True))  # layers only: A, B are overwritten
+    init_qpissa(peft_model, s.r, s.niter, s.qpissa_iters, s.stats)
+    return peft_model
+
+
 _REGISTRY = (
     Method("lora", "LoRA (Gaussian A, zero B)", "#d62728", _build_lora, ("2",),
            "peft LoRA, init_lora_weights='gaussian'"),
@@ -161,20 +304,21 @@ _REGISTRY = (
            "the r singular triplets at the middle of the spectrum, exact SVD"),
     Method("pissa_minor", "PiSSA on minor components", "#9467bd", _components_builder("minor"), ("3",),
            "the r smallest singular triplets, exact SVD"),
+    Method("qlora", "QLoRA (NF4 base, Gaussian A, zero B)", "#ff7f0e", _build_qlora, ("q",),
+           "base = dequantize(nf4(W)) (bitsandbytes, simulated in float32), then peft LoRA "
+           "init_lora_weights='gaussian'"),
+    Method("qpissa", "QPiSSA (NF4 residual, principal)", "#17becf", _build_qpissa, ("q",),
+           "pissa_fast.qpissa_many: base = NF4-exact residual (dequantized, float32), adapter = its top-r "
+           "factors with peft's PiSSA scaling"),
 )
 METHODS: dict[str, Method] = {m.name: m for m in _REGISTRY}
-PLANNED = {
-    "qlora": "QLoRA (NF4 base + LoRA) needs pissa_fast.qpissa (issue 12), which is not in this build yet",
-    "qpissa": "QPiSSA (NF4 residual + PiSSA) needs pissa_fast.qpissa (issue 12), which is not in this build yet",
-}
+# qlora and qpissa are opt-in (--methods): they add 6 runs and QPiSSA's rounds to a default sized for 15 minutes.
 DEFAULT_METHODS = ("lora", "pissa", "pissa_middle", "pissa_minor")
 
 
 def get_method(name: str) -> Method:
     if name in METHODS:
         return METHODS[name]
-    if name in PLANNED:
-        raise ValueError(f"method {name!r}: {PLANNED[name]}")
     raise ValueError(f"unknown method {name!r}: choose from {', '.join(METHODS)}")
 
 

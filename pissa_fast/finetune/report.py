@@ -8,7 +8,7 @@ import platform
 
 import torch
 
-from .methods import ALL_METHOD_NAMES, METHODS
+from .methods import ALL_METHOD_NAMES, DEFAULT_QPISSA_ITERS, METHODS, QUANT_METHODS
 
 
 def cpu_model() -> str:
@@ -120,6 +120,76 @@ def headline(results: dict) -> list[str]:
     return out
 
 
+def _err(v) -> str:
+    return f"{v:.2e}" if isinstance(v, (int, float)) and math.isfinite(v) else "—"
+
+
+def quant_headline(results: dict) -> list[str]:
+    """QPiSSA vs QLoRA at each rank, in words: the step-0 quantization error, then the losses."""
+    curves, finals, runs, out = results["curves"], results["final_loss"], results["runs"], []
+    for rank in results["settings"]["ranks"]:
+        r = str(rank)
+        ql, qp = curves.get("qlora", {}).get(r), curves.get("qpissa", {}).get(r)
+        if not ql or not qp:
+            continue
+        k = min(4, len(ql), len(qp))
+        line = (f"- r = {rank}, quantized: mean error ||W - (Q + BA)|| / ||W|| at step 0 is "
+                f"{_err(runs['qpissa'][r].get('quant_error_mean'))} for QPiSSA against "
+                f"{_err(runs['qlora'][r].get('quant_error_mean'))} for QLoRA; step-1 loss {_fmt(qp[0])} against "
+                f"{_fmt(ql[0])}")
+        lo = curves.get("lora", {}).get(r)
+        if lo:
+            line += f" (full precision: {_fmt(lo[0])})"
+        line += (f"; at step {k} {_fmt(qp[k - 1])} against {_fmt(ql[k - 1])}; final {_fmt(finals['qpissa'][r])} "
+                 f"against {_fmt(finals['qlora'][r])}")
+        out.append(line + ".")
+    return out
+
+
+def quant_table(results: dict) -> list[str]:
+    """The quantized methods' state at step 0, per rank: error of the quantized model + adapter, step-1 loss."""
+    s, runs, curves = results["settings"], results["runs"], results["curves"]
+    iters = s.get("qpissa_iters")
+    lines = ["| r | method | layers | mean error | max error | QPiSSA mean error after rounds 1..T | step-1 loss |",
+             "|---|---|---|---|---|---|---|"]
+    for rank in s["ranks"]:
+        r = str(rank)
+        for name in ("lora", "pissa", *QUANT_METHODS):
+            run = runs.get(name, {}).get(r)
+            if run is None:
+                continue
+            if name in QUANT_METHODS:
+                by_round = ", ".join(_err(v) for v in run.get("quant_error_by_round", [])) or "—"
+                cells = [str(run.get("quantized_layers", "—")), _err(run.get("quant_error_mean")),
+                         _err(run.get("quant_error_max")), by_round]
+            else:
+                cells = ["—", "0 (full precision)", "—", "—"]
+            lines.append(f"| {r} | {name} | " + " | ".join(cells) + f" | {_fmt(curves[name][r][0])} |")
+    return [
+        "Errors are ||W - (Q + scaling B A)||_F / ||W||_F per targeted weight (float64), Q the dequantized "
+        "NF4 base: for QLoRA B = 0 at step 0, so it is nf4(W)'s own error; for QPiSSA it is what "
+        f"pissa_fast.qpissa reports for the round it returns ({iters} round(s) run, the lowest-error round "
+        "kept). The step-1 loss is the loss of the model as initialized, before any update.", "", *lines]
+
+
+def quant_caveats(results: dict) -> list[str]:
+    s, name = results["settings"], results["model"]["name"]
+    gguf = "GGUF" in name  # pissa_fast.models.smollm2 names its conversions "... (Q4_1 GGUF dequantized ...)"
+    return [
+        "- QLoRA vs QPiSSA shows whether keeping W's principal part in the full-precision adapter and "
+        "quantizing only the residual starts closer to the full-precision model (lower error, step-1 loss "
+        "nearer the unquantized one) and trains faster than quantizing W whole under a LoRA adapter, at "
+        "equal trainable parameters, hyperparameters and quantizer.",
+        f"- The quantization is **simulated**: {s.get('quantization', '')}. The NF4 codes and block scales are "
+        "bitsandbytes' own, so the base weights are the values a 4-bit model dequantizes to, but nothing runs "
+        "in 4 bits: a real QLoRA/QPiSSA run (bitsandbytes Linear4bit, bf16 compute, on a GPU) adds bf16 "
+        "rounding to every matmul, and the memory and speed of 4-bit training are not measured here at all. "
+        "No double quantization (QLoRA's paper uses it; it quantizes only the block scales).",
+        *(["- This checkpoint was dequantized from a 4-bit GGUF file, so its weights already lie on another "
+            "4-bit grid; NF4's error on it need not match that of a model trained in bf16."] if gguf else []),
+    ]
+
+
 def _missing(results: dict) -> list[str]:
     """The (method, rank) runs a partial benchmark did not finish, as a paragraph (nothing when complete)."""
     s = results["settings"]
@@ -133,8 +203,9 @@ def _missing(results: dict) -> list[str]:
 def write_report(results: dict, out_dir: str, plots: list[str]) -> str:
     s, env = results["settings"], results["environment"]
     methods = _ordered(results["curves"])
+    quant = any(m in QUANT_METHODS for m in s["methods"])
     lines = [
-        "# Fine-tuning benchmark: PiSSA against LoRA",
+        "# Fine-tuning benchmark: PiSSA against LoRA" + (" (and QPiSSA against QLoRA)" if quant else ""),
         "",
         f"Command: `{results['command']}`",
         "",
@@ -151,13 +222,19 @@ def write_report(results: dict, out_dir: str, plots: list[str]) -> str:
         f"- training: {s['steps']} steps, batch {s['batch_size']}, AdamW lr {s['lr']:g} (constant, no weight decay), "
         f"lora_alpha {s['lora_alpha']}, dropout 0, targets {', '.join(s['target_modules'])}; "
         f"PiSSA through pissa_fast's peft backend with {s['pissa_init']}",
+        *([f"- qlora / qpissa: {s['quantization']}; QPiSSA by pissa_fast.qpissa_many, {s['qpissa_iters']} "
+           f"round(s) (`--qpissa-iters`; the default {DEFAULT_QPISSA_ITERS} is what the PiSSA authors' published "
+           f"QPiSSA models use, and the table of step-0 errors below shows what each round bought), top-r step "
+           f"with {s['pissa_init']}"] if quant else []),
         "- every method trains the same number of parameters on the same batches with the same "
-        "hyperparameters and seed; only the initialization differs",
+        "hyperparameters and seed; only the initialization differs"
+        + (" (for qlora and qpissa: the adapter and the quantized base weights)" if quant else ""),
         "",
         *_missing(results),
         "## Headline",
         "",
         *headline(results),
+        *quant_headline(results),
         "",
         "## Figures",
         "",
@@ -180,17 +257,22 @@ def write_report(results: dict, out_dir: str, plots: list[str]) -> str:
                 continue
             lines.append(f"| {r} | {name} | {run['trainable_params']:,} | {run['init_s']:.2f} | {run['train_s']:.1f} | "
                          f"{run['s_per_step']:.2f} |")
+    if any(m in results["runs"] for m in QUANT_METHODS):
+        lines += ["", "## Quantized methods at step 0", "", *quant_table(results)]
+    full_precision = any(m not in QUANT_METHODS for m in s["methods"])
     lines += [
         "",
         "## What this shows and what it does not",
         "",
-        "- It shows, on a real pretrained LLM and a real training loop, whether PiSSA's loss falls faster than "
+        *(["- It shows, on a real pretrained LLM and a real training loop, whether PiSSA's loss falls faster than "
         "LoRA's from the first steps at equal trainable parameters and hyperparameters, and whether the principal "
         "components train better than the middle and minor ones (the paper's Figures 2 and 3): an end-to-end "
-        "check that pissa_fast's factors are the right ones.",
-        "- It does not show accuracy on GSM8K or any benchmark: the model is small (135 M parameters), the task "
+        "check that pissa_fast's factors are the right ones."] if full_precision else []),
+        f"- It does not show accuracy on GSM8K or any benchmark: the model is small "
+        f"({results['model']['parameters'] / 1e6:.3g} M parameters), the task "
         "is synthetic and easy, the run is a few dozen steps on a CPU with one learning rate (for each method a "
         "tuned learning rate can narrow the gap), and every number comes from one seed.",
+        *(quant_caveats(results) if quant else []),
         "",
         "Methods: " + "; ".join(f"`{n}`: {METHODS[n].description}" for n in methods if n in METHODS) + ".",
         "",

@@ -31,6 +31,9 @@ DEFAULT_BATCH = 8
 DEFAULT_LR = 2e-4
 DEFAULT_NITER = 4
 FINAL_WINDOW = 5  # "final loss" = mean of the last FINAL_WINDOW steps (one batch is noisy)
+QUANTIZATION = ("NF4 by bitsandbytes' quantize_4bit / dequantize_4bit (blocksize 64, no double quantization) on "
+                "the targeted projections, held dequantized in float32 and run with float32 matmuls on the CPU "
+                "(simulated: no 4-bit kernels, no bf16 compute); embeddings and lm_head unquantized")
 TASK = ("synthetic GSM8K-style arithmetic word problems (pissa_fast.finetune.task, 6 templates), "
         "'Question: ...\\nAnswer: ...' with loss on the answer tokens and EOS only")
 
@@ -56,13 +59,13 @@ def _target_shapes(model, targets) -> list[tuple[str, tuple[int, int]]]:
 
 
 def validate(methods: Sequence[str], ranks: Sequence[int], steps: int, batch_size: int, lr: float,
-             lora_alpha, niter) -> tuple[list[str], list[int]]:
+             lora_alpha, niter, qpissa_iters: int = M.DEFAULT_QPISSA_ITERS) -> tuple[list[str], list[int]]:
     """Check every argument before anything is fetched, loaded or written; returns (methods, ranks)."""
     if not methods:
         raise ValueError("methods: give at least one")
     methods = list(dict.fromkeys(methods))
     for name in methods:
-        M.get_method(name)  # raises with the choices (or why a planned method is not there yet)
+        M.get_method(name)  # raises with the choices
     if not ranks:
         raise ValueError("ranks: give at least one")
     for r in ranks:
@@ -78,6 +81,12 @@ def validate(methods: Sequence[str], ranks: Sequence[int], steps: int, batch_siz
         raise ValueError(f"lora_alpha must be a positive number or None (= r, as in the PiSSA paper), got {lora_alpha!r}")
     if niter is not None and (isinstance(niter, bool) or not isinstance(niter, int) or niter < 0):
         raise ValueError(f"niter must be an int >= 0 or None (exact SVD), got {niter!r}")
+    if isinstance(qpissa_iters, bool) or not isinstance(qpissa_iters, int) or qpissa_iters < 1:
+        raise ValueError(f"qpissa_iters must be an int >= 1, got {qpissa_iters!r}")
+    if any(m in M.QUANT_METHODS for m in methods):
+        from pissa_fast.quant.nf4 import bnb_functional
+
+        bnb_functional()  # a missing bitsandbytes is an ImportError naming the extra, before any work
     return methods, sorted(dict.fromkeys(ranks))
 
 
@@ -95,13 +104,14 @@ def resolve_model(model: str | None, cache_dir: str | None, log: Callable[[str],
 def run_finetune(*, out: str, model: str | None = None, cache_dir: str | None = None,
                  methods: Sequence[str] = M.DEFAULT_METHODS, ranks: Sequence[int] = DEFAULT_RANKS,
                  steps: int = DEFAULT_STEPS, batch_size: int = DEFAULT_BATCH, lr: float = DEFAULT_LR,
-                 lora_alpha: float | None = None, niter: int | None = DEFAULT_NITER, seed: int = 0,
-                 threads: int | None = None, plots: bool = True, progress: bool | None = None,
-                 command: str | None = None, log: Callable[[str], None] = _stderr) -> dict:
+                 lora_alpha: float | None = None, niter: int | None = DEFAULT_NITER,
+                 qpissa_iters: int = M.DEFAULT_QPISSA_ITERS, seed: int = 0, threads: int | None = None,
+                 plots: bool = True, progress: bool | None = None, command: str | None = None,
+                 log: Callable[[str], None] = _stderr) -> dict:
     """Fine-tune `model` (default: SmolLM2-135M-Instruct) with each method at each rank; write results.json,
     report.md and the plots into `out`; return the results dict. lora_alpha None means lora_alpha = r
-    (scaling 1, the PiSSA paper's setting)."""
-    methods, ranks = validate(methods, ranks, steps, batch_size, lr, lora_alpha, niter)
+    (scaling 1, the PiSSA paper's setting); qpissa_iters: QPiSSA's rounds (methods "qpissa")."""
+    methods, ranks = validate(methods, ranks, steps, batch_size, lr, lora_alpha, niter, qpissa_iters)
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"out {out!r} exists and is not a folder")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
@@ -110,14 +120,14 @@ def run_finetune(*, out: str, model: str | None = None, cache_dir: str | None = 
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _run(out, model, cache_dir, methods, ranks, steps, batch_size, lr, lora_alpha, niter, seed,
-                    plots, progress, command, log)
+        return _run(out, model, cache_dir, methods, ranks, steps, batch_size, lr, lora_alpha, niter, qpissa_iters,
+                    seed, plots, progress, command, log)
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _run(out, model, cache_dir, methods, ranks, steps, batch_size, lr, lora_alpha, niter, seed, plots, progress,
-         command, log) -> dict:
+def _run(out, model, cache_dir, methods, ranks, steps, batch_size, lr, lora_alpha, niter, qpissa_iters, seed, plots,
+         progress, command, log) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pissa_fast.options import progress_enabled
@@ -136,6 +146,11 @@ def _run(out, model, cache_dir, methods, ranks, steps, batch_size, lr, lora_alph
     smallest = min(min(s) for _, s in shapes)
     if max(ranks) > smallest:
         raise ValueError(f"ranks: r = {max(ranks)} exceeds the smallest targeted weight dimension {smallest} of {path}")
+    if any(m in M.QUANT_METHODS for m in methods):  # before any run, not when the first quantized one starts
+        for lname, shape in shapes:
+            problem = M.cpu_blocksize_problem(lname, shape, "cpu", M.quant_spec().blocksize)
+            if problem:
+                raise ValueError(f"model {path}: {problem}")
     source = os.path.join(path, "pissa_fast_source.json")
     if os.path.isfile(source):
         with open(source) as f:
@@ -159,6 +174,9 @@ def _run(out, model, cache_dir, methods, ranks, steps, batch_size, lr, lora_alph
         "tokens_per_batch_mean": round(statistics.mean(tokens), 1),
         "answer_tokens_per_batch_mean": round(statistics.mean(answer_tokens), 1),
     }
+    if any(m in M.QUANT_METHODS for m in methods):
+        settings["quantization"] = QUANTIZATION
+        settings["qpissa_iters"] = qpissa_iters
     env = environment()
     load = env.get("loadavg_start")
     if load and load[0] > (os.cpu_count() or 1) * 0.5 + 0.25:
@@ -185,7 +203,9 @@ def _run(out, model, cache_dir, methods, ranks, steps, batch_size, lr, lora_alph
     try:
         for name, r in run_order(methods, ranks):
             alpha = float(r) if lora_alpha is None else float(lora_alpha)
-            adapter = M.AdapterSettings(r=r, lora_alpha=alpha, niter=niter, svd_cache=svd_cache)
+            stats: dict = {}
+            adapter = M.AdapterSettings(r=r, lora_alpha=alpha, niter=niter, svd_cache=svd_cache,
+                                        qpissa_iters=qpissa_iters, stats=stats)
             if bar is not None:
                 bar.set_postfix_str(f"{name} r={r}: building the adapter")
 
@@ -205,7 +225,7 @@ def _run(out, model, cache_dir, methods, ranks, steps, batch_size, lr, lora_alph
             results["runs"].setdefault(name, {})[key] = {
                 "init_s": round(res.init_s, 3), "train_s": round(res.train_s, 2),
                 "s_per_step": round(res.train_s / max(1, len(res.losses)), 3),
-                "trainable_params": res.trainable, "diverged_at": res.diverged_at}
+                "trainable_params": res.trainable, "diverged_at": res.diverged_at, **stats}
             counts = {n: per[key]["trainable_params"] for n, per in results["runs"].items() if key in per}
             if len(set(counts.values())) != 1:  # a bug in a builder, not a measurement: stop and say so
                 raise RuntimeError(f"r = {r}: methods train different numbers of parameters: {counts}")
@@ -232,8 +252,11 @@ def _run(out, model, cache_dir, methods, ranks, steps, batch_size, lr, lora_alph
 
 
 def run_order(methods: Sequence[str], ranks: Sequence[int]) -> list[tuple[str, int]]:
-    """LoRA-vs-PiSSA runs (Figures 2.1 and 2.2) at every rank first, then the component runs (Figure 3),
-    so a benchmark stopped early still has the headline comparison complete."""
-    first = [m for m in methods if "2" in getattr(M.METHODS.get(m), "figures", ())]
-    rest = [m for m in methods if m not in first]
-    return [(m, r) for group in (first, rest) for r in ranks for m in group]
+    """LoRA-vs-PiSSA runs (Figures 2.1 and 2.2) at every rank first, then QLoRA-vs-QPiSSA, then the
+    component runs (Figure 3), so a benchmark stopped early has whole comparisons rather than halves."""
+    def group(m):
+        figures = getattr(M.METHODS.get(m), "figures", ())
+        return 0 if "2" in figures else 1 if "q" in figures else 2
+
+    groups = [[m for m in methods if group(m) == g] for g in range(3)]
+    return [(m, r) for members in groups for r in ranks for m in members]
