@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import numbers
+from collections.abc import Mapping
 
 _DOMAIN = b"pissa_fast.weight_seed.v1"  # changing the derivation must change this tag
 
@@ -33,8 +34,11 @@ def key_name(key) -> str:
     return key if isinstance(key, str) else repr(key)
 
 
-def seed_for(seed: int, key, named: bool) -> int:
-    """Seed of one weight of a decompose_many call: weight_seed(seed, key) for a dict (named weights);
-    `seed` itself for a list, whose positions are not names (they change with batching), exactly as
-    the single-process path draws every weight's test matrix from `seed`."""
+def seed_for(seed, key, named: bool) -> int:
+    """Seed of one weight of a decompose_many call: seed[key] when seed is a mapping of per-weight
+    seeds (as core takes it); else weight_seed(seed, key) for a dict (named weights), and `seed`
+    itself for a list, whose positions are not names (they change with batching), exactly as the
+    single-process path draws every weight's test matrix from `seed`."""
+    if isinstance(seed, Mapping):
+        return int(seed[key])
     return weight_seed(seed, key_name(key)) if named else int(seed)

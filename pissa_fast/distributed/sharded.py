@@ -5,8 +5,8 @@ runs the same peft call on its part of one model). Then, for each weight:
   1. one owner rank, chosen by bytes (assign_by_bytes), receives the other ranks' shards: a gather to
      that rank only, so no rank ever holds more than one full weight beyond its own shards;
   2. the owner decomposes it with pissa_fast.core, exactly as one process would, the test matrix
-     drawn from weight_seed(seed, name) (dict keys) or `seed` (lists), so the result depends neither
-     on the number of ranks nor on batching;
+     drawn from weight_seed(seed, name) (dict keys) or `seed` (lists), or seed[key] when seed is a
+     mapping of per-weight seeds, so the result depends neither on the number of ranks nor on batching;
   3. the owner broadcasts A, B, S: every rank holds the same bits by construction;
   4. once every factor of every weight is in, each rank writes its own shard of W - B A in place.
 Weights are processed in rounds holding one weight per owner, so all ranks decompose at once. A
@@ -93,6 +93,11 @@ def decompose_sharded(weights, r, niter=4, *, inplace=False, method=None, oversa
         if generator is not None:
             raise TypeError("generator= cannot be used with sharded weights (each rank would draw from its own "
                             "stream); pass seed=: each weight's test matrix comes from weight_seed(seed, name)")
+        if isinstance(seed, Mapping):
+            missing = next((key for key, _ in items if key not in seed), None)
+            if missing is not None:
+                raise ValueError(f"seed is a mapping of per-weight seeds but has no entry for "
+                                 f"{_name(missing, _single)}")
         shards = [describe(key, _name(key, _single), w, r, inplace) for key, w in items]
         if inplace:
             check_disjoint(shards)

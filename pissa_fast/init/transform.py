@@ -87,12 +87,9 @@ class PissaTransform:
         work = {k: (w if on_cpu else w.to(self.device, non_blocking=True)) for k, w in weights.items()}
         mats = {k: (w.t() if targets[k].transposed else w) for k, w in work.items()}  # (out, in)
         originals = {k: m.clone() for k, m in mats.items() if k in self.report_error}
-        seeds = {weight_seed(self.seed, k) for k in mats}
         t0 = time.perf_counter()
-        outs = {}
-        for s in sorted(seeds):  # one call per seed: one call in all while the seed is shared
-            part = {k: m for k, m in mats.items() if weight_seed(self.seed, k) == s}
-            outs.update(decompose_many(part, self.r, self.niter, inplace=True, seed=s))
+        seeds = {k: weight_seed(self.seed, k) for k in mats}  # one call; each weight's result is its own
+        outs = decompose_many(mats, self.r, self.niter, inplace=True, seed=seeds)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.seconds += time.perf_counter() - t0
