@@ -272,7 +272,10 @@ class _Run:
         from ..hf.targets import plan_targets
 
         # this rank's likely targets decompose in a second thread while transformers and peft load
-        spare = not self.report_error and _spare_core(self.dev, self.team.local_world_size)
+        # ranks on this host each run torch's threads; one process keeps the one-argument call, which
+        # tests replace with a one-argument stand-in
+        sharing = self.team.local_world_size
+        spare = not self.report_error and (_spare_core(self.dev, sharing) if sharing > 1 else _spare_core(self.dev))
         others = set(self.ckpt.shards) - self.mine
         guesses = guess_targets(self.ckpt, self.spec, self.r, skip_shards=others) if spare else []
         early_run = Speculator(self.ckpt, guesses, self.transform, max_bytes=self.max_memory // 2).start()
