@@ -255,3 +255,12 @@ def test_an_out_folder_the_ranks_do_not_share_is_refused(llama_dir, tmp_path):
     assert r0["rc"] == 2 and "rank 1 of 2 failed" in r0["err"] and "every rank shares" in r0["err"]
     only_staging_left(out)
     assert not (tmp_path / "elsewhere").exists()
+
+
+def test_a_bad_target_is_refused_by_every_rank_before_anything_is_written(llama_dir, tmp_path):
+    out = tmp_path / "out"
+    argv = ["init", llama_dir, out, "--r", 8, "--target-modules", "no_such_proj"]
+    r0, r1 = run_cli([argv, argv])
+    for r in (r0, r1):
+        assert r["rc"] == 2 and "no_such_proj" in r["err"], r
+    assert not out.exists() or os.listdir(out) == []
