@@ -54,7 +54,7 @@ def plan(name: str, m: dict, ranks: int, r: int, max_memory: float, throughput_m
     return dict(model=name, ranks=ranks, total=total, shards=m["shards"], busy=busy, busiest=busiest,
                 ideal=total / ranks, host=max(max_memory, largest), gpu=max(max_memory / 2, largest),
                 adapter=adapter, out_peak=total + 2 * adapter,
-                hours=busiest_targets / (throughput_mib * 2**20) / 3600)
+                minutes=busiest_targets / (throughput_mib * 2**20) / 60)
 
 
 def main():
@@ -78,7 +78,7 @@ def main():
             print(f"| {name} ({p['total'] / GB:.0f} GB, {p['shards']} shards) | {n} | {p['busy']} | "
                   f"{p['busiest'] / GB:.1f} GB | {p['ideal'] / GB:.1f} GB | ≤ {p['host'] / GB:.2f} GB | "
                   f"≤ {p['gpu'] / GB:.2f} GB | {p['adapter'] / GB:.2f} GB | {p['out_peak'] / GB:.0f} GB | "
-                  f"{p['hours']:.2f} h |")
+                  f"{p['minutes']:.1f} min |")
 
 
 if __name__ == "__main__":
