@@ -40,14 +40,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-modules", nargs="+", required=True, metavar="T",
                    help="as in peft's LoraConfig: module-name suffixes (q_proj,v_proj or q_proj v_proj), one regex "
                         "(full match, e.g. '.*\\.(q|v)_proj'), or all-linear")
-    p.add_argument("--r", type=int, default=16, help="LoRA rank (default 16)")
+    p.add_argument("--r", "--lora-rank", dest="r", type=int, default=16,
+                   help="LoRA rank (default 16); spell it --lora-rank after torchrun, whose parser reads --r as an "
+                        "abbreviation of its own options")
     p.add_argument("--alpha", "--lora-alpha", dest="alpha", type=float, default=None,
                    help="lora_alpha (default: r, i.e. scaling 1)")
     p.add_argument("--niter", type=niter_type, default=4,
                    help="applications of W^T W in the randomized SVD, or 'exact' (default 4)")
     p.add_argument("--use-rslora", action="store_true", help="scaling = alpha / sqrt(r) (peft's use_rslora)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random test matrices (default 0)")
-    p.add_argument("--device", default="cpu", help="where to decompose: cpu (default), cuda, cuda:1, ...")
+    p.add_argument("--device", default=None,
+                   help="where to decompose: cpu (the default), cuda, cuda:1, ...; under torchrun each rank's own "
+                        "(cuda:LOCAL_RANK where its host has CUDA, else cpu)")
     p.add_argument("--max-memory", type=size_type, default=DEFAULT_MAX_MEMORY,
                    help="bytes of weights in memory at once, e.g. 2GiB (default; one tensor is always allowed)")
     p.add_argument("--threads", type=int, default=None, help="torch threads for the decomposition (default: torch's)")
@@ -102,7 +106,7 @@ def run(args) -> int:
                   f"rerun the same command to resume", file=sys.stderr)
             return 130
         print(result)
-        if args.json:
+        if args.json and result.rank == 0:  # under torchrun, rank 0 reports the run
             data = {k: v for k, v in asdict(result).items() if k != "errors"}
             data["errors"] = {m: asdict(e) for m, e in result.errors}
             with open(args.json, "w") as fh:

@@ -48,12 +48,13 @@ class Transform(Protocol):
 
 
 def weight_seed(seed: int, name: str) -> int:
-    """The seed of one weight's random test matrix. Today every weight draws from the run's seed, as
-    pissa_fast.decompose(w, seed=seed) and the peft drop-in do, so the CLI's adapter is the drop-in's
-    bit for bit; the name is in the signature so a per-weight stream can come without touching the
-    callers. Either way the result depends on (seed, name) only, never on grouping or ranks."""
-    del name
-    return int(seed)
+    """The seed of one weight's random test matrix: pissa_fast.distributed.weight_seed(seed, name) of
+    its checkpoint name, as decompose_many derives it for sharded weights. The result depends on
+    (seed, name) only, never on grouping, on ranks or on which other weights share a call; it equals
+    pissa_fast.decompose(w, seed=weight_seed(seed, name))."""
+    from ..distributed.seeding import weight_seed as derive
+
+    return derive(int(seed), name)
 
 
 @dataclass
@@ -92,12 +93,9 @@ class PissaTransform:
         work = {k: (w if on_cpu else w.to(self.device, non_blocking=True)) for k, w in weights.items()}
         mats = {k: (w.t() if targets[k].transposed else w) for k, w in work.items()}  # (out, in)
         originals = {k: m.clone() for k, m in mats.items() if k in self.report_error}
-        seeds = {weight_seed(self.seed, k) for k in mats}
         t0 = time.perf_counter()
-        outs = {}
-        for s in sorted(seeds):  # one call per seed: one call in all while the seed is shared
-            part = {k: m for k, m in mats.items() if weight_seed(self.seed, k) == s}
-            outs.update(decompose_many(part, self.r, self.niter, inplace=True, seed=s))
+        seeds = {k: weight_seed(self.seed, k) for k in mats}  # one call; each weight's result is its own
+        outs = decompose_many(mats, self.r, self.niter, inplace=True, seed=seeds)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.seconds += time.perf_counter() - t0
