@@ -29,14 +29,14 @@ import torch
 
 from ..errors import CheckpointError
 from ..hf.checkpoint import Checkpoint, open_checkpoint, resolve_source
-from ..io.staging import inside
+from ..io.staging import inside, write_text
 from ..options import format_bytes, parse_niter, parse_size, progress_enabled
 from ..pairing import ADAPTER_DIR, STAGING
 from . import outdir
 from .pipeline import RESIDUAL, run_jobs, shard_done
 from .plan import make_plan, split_shards
 from .speculate import Speculator, guess_targets, usable
-from .transform import PissaTransform
+from .transform import PissaTransform, QPissaTransform
 
 DEFAULT_MAX_MEMORY = 2 << 30
 RUN_KEY_VERSION = 2
@@ -63,19 +63,34 @@ class InitResult:
     rank: int = 0  # under torchrun: this rank (rank 0 reports the run), and the number of ranks
     world_size: int = 1
     per_rank: list = field(default_factory=list)  # under torchrun: {shards, bytes, layers, decompose, seconds, host}
+    quantization: dict | None = None  # QPiSSA: pissa_fast.quant.settings (BitsAndBytesConfig arguments, dtype)
+    quant_errors: dict = field(default_factory=dict)  # QPiSSA: module -> ||W - (R + B A)||_F / ||W||_F
 
     @property
     def adapter(self) -> str:
         return os.path.join(self.out, ADAPTER_DIR)
 
     def load_code(self, trainable: bool = True) -> str:
-        """The exact code that loads the residual with its adapter."""
+        """The exact code that loads the residual with its adapter (QPiSSA: the residual in 4-bit, with
+        the BitsAndBytesConfig and dtype it was quantized for; any other loads different weights)."""
         trc = ", trust_remote_code=True" if self.trust_remote_code else ""
         tr = ", is_trainable=True" if trainable else ""
-        return (f"from transformers import {self.loader}\n"
+        peft_line = f"model = PeftModel.from_pretrained(model, {self.out!r}, subfolder={ADAPTER_DIR!r}{tr})"
+        if self.quantization is None:
+            return (f"from transformers import {self.loader}\n"
+                    f"from peft import PeftModel\n"
+                    f"model = {self.loader}.from_pretrained({self.out!r}{trc})\n" + peft_line)
+        from ..quant.nf4 import QuantSpec
+
+        q = self.quantization
+        spec = QuantSpec(q["bnb_config"]["bnb_4bit_quant_type"], q["blocksize"],
+                         q["bnb_config"]["bnb_4bit_use_double_quant"])
+        return (f"import torch\n"
+                f"from transformers import {self.loader}, BitsAndBytesConfig\n"
                 f"from peft import PeftModel\n"
-                f"model = {self.loader}.from_pretrained({self.out!r}{trc})\n"
-                f"model = PeftModel.from_pretrained(model, {self.out!r}, subfolder={ADAPTER_DIR!r}{tr})")
+                f"bnb = {spec.bnb_config_code()}\n"
+                f"model = {self.loader}.from_pretrained({self.out!r}, quantization_config=bnb, "
+                f"dtype=torch.{q['dtype']}{trc})\n" + peft_line)
 
     def __str__(self) -> str:
         s = self.seconds
@@ -109,7 +124,14 @@ class InitResult:
                 lines.append(f"    {name}: l1 {e.l1:.3e}  rel_recon {e.rel_recon:.3e}  excess {e.excess:.3e}  "
                              f"sv_rel {e.sv_rel:.3e}")
         lines += [f"  note: {n}" for n in self.notes]
-        lines += [f"  wrote {self.out}/ (the residual model) and {self.adapter}/ (the PiSSA adapter); to train:"]
+        if self.quantization is None:
+            lines += [f"  wrote {self.out}/ (the residual model) and {self.adapter}/ (the PiSSA adapter); to train:"]
+        else:
+            from ..quant.settings import SETTINGS_FILE
+
+            lines += [f"  wrote {self.out}/ (the residual model, bf16 and exactly 4-bit representable) and "
+                      f"{self.adapter}/ (the QPiSSA adapter, with the quantization settings in "
+                      f"{SETTINGS_FILE}); load the residual in 4-bit with exactly this config, then train:"]
         lines += ["      " + ln for ln in self.load_code().splitlines()]
         lines.append(f"  check that an adapter sits on its residual: pissa-fast verify {self.out}")
         return "\n".join(lines)
@@ -195,6 +217,86 @@ def _target_spec(target_modules):
             else [t.strip() for t in target_modules]
     raise CheckpointError(f"target_modules must be a list of module-name suffixes, a regex string or 'all-linear' "
                           f"(as in peft's LoraConfig), got {target_modules!r}")
+
+
+QUANTIZE_CHOICES = ("nf4", "fp4")
+DEFAULT_QPISSA_ITERS = 5
+
+
+def _make_transform(*, r, lora_alpha, niter, use_rslora, seed, device, report_error, quantize, qpissa_iters,
+                    quant_blocksize, double_quant, qpissa_start=None, qpissa_scales=None):
+    """PiSSA, or QPiSSA when `quantize` is given; every QPiSSA argument is checked here, before anything
+    is written (a QPiSSA-only argument without quantize is an error, not silently ignored)."""
+    if quantize is None:
+        given = [n for n, v, default in (("qpissa_iters", qpissa_iters, None), ("double_quant", double_quant, False),
+                                         ("quant_blocksize", quant_blocksize, None), ("qpissa_start", qpissa_start, None),
+                                         ("qpissa_scales", qpissa_scales, None)) if v != default]
+        if given:
+            raise CheckpointError(f"{', '.join(given)} only apply with quantize='nf4' (or 'fp4'): QPiSSA")
+        return PissaTransform(r=r, lora_alpha=lora_alpha, niter=niter, use_rslora=use_rslora, seed=seed,
+                              device=device)
+    if quantize not in QUANTIZE_CHOICES:
+        raise CheckpointError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)} (bitsandbytes' 4-bit "
+                              f"formats), got {quantize!r}")
+    iters = _int("qpissa_iters", DEFAULT_QPISSA_ITERS if qpissa_iters is None else qpissa_iters, 1)
+    if not isinstance(double_quant, bool):
+        raise CheckpointError(f"double_quant must be a bool, got {double_quant!r}")
+    if quant_blocksize is not None and quant_blocksize != 64:
+        raise CheckpointError(f"quant_blocksize {quant_blocksize!r}: transformers' BitsAndBytesConfig has no "
+                              f"blocksize option and always quantizes with 64, so a residual fitted to another "
+                              f"blocksize would not load as fitted; use 64 (pissa_fast.qpissa_many(..., "
+                              f"blocksize=N) serves other loaders)")
+    if report_error:
+        raise CheckpointError("report_error measures the factors against the exact SVD of W, which QPiSSA's "
+                              "factors (fitted to W - R) are not: leave it out with quantize (init reports "
+                              "QPiSSA's quantization error of every layer instead)")
+    from ..quant import QuantSpec
+    from ..quant.nf4 import bnb_functional
+    from ..quant.qpissa import SCALES, STARTS
+
+    if qpissa_start is not None and qpissa_start not in STARTS:
+        raise CheckpointError(f"qpissa_start must be one of {', '.join(sorted(STARTS))}, got {qpissa_start!r}")
+    if qpissa_scales is not None and qpissa_scales not in SCALES:
+        raise CheckpointError(f"qpissa_scales must be one of {', '.join(SCALES)}, got {qpissa_scales!r}")
+
+    try:
+        bnb_functional()
+    except ImportError as e:
+        raise CheckpointError(str(e)) from None
+    return QPissaTransform(r=r, lora_alpha=lora_alpha, iters=iters, niter=niter, use_rslora=use_rslora, seed=seed,
+                           spec=QuantSpec(quantize, 64, double_quant), start=qpissa_start, scales=qpissa_scales,
+                           device=device)
+
+
+def _quant_errors(transform, targets) -> dict:
+    """QPiSSA's error of every target this process computed (not guesses the plan dropped)."""
+    if not isinstance(transform, QPissaTransform):
+        return {}
+    return {t.module: transform.errors[t.module] for t in targets if t.module in transform.errors}
+
+
+def _quant_settings(transform) -> str:
+    if not isinstance(transform, QPissaTransform):
+        return ""
+    spec = transform.spec
+    return (f" quantize={spec.quant_type}{' double_quant' if spec.double_quant else ''} qpissa_iters={transform.iters} "
+            f"start={transform.start} scales={transform.scales}")
+
+
+def _quant_notes(transform, errs: dict) -> list:
+    if not errs:
+        return []
+    worst = max(errs, key=errs.get)
+    spec = transform.spec
+    notes = [f"QPiSSA error ||W - (R + B A)||_F / ||W||_F over {len(errs)} layer(s): mean "
+             f"{sum(errs.values()) / len(errs):.4g}, largest {errs[worst]:.4g} ({worst}); R is "
+             f"{spec.quant_type}{' with double quantization' if spec.double_quant else ''}, blocksize "
+             f"{spec.blocksize}, after {transform.iters} round(s)"]
+    inexact = sorted(m for m in transform.inexact if m in errs)
+    if inexact:
+        notes.append(f"{len(inexact)} residual(s) would move by ~1e-4 of their norm when loaded (double quantization's "
+                     f"statistics did not settle): {', '.join(inexact[:4])}{', ...' if len(inexact) > 4 else ''}")
+    return notes
 
 
 def run_key(ckpt: Checkpoint, spec, transform) -> dict:
@@ -313,7 +415,9 @@ class _Run:
         self.seconds.update(decompose=self.transform.seconds, read_wait=stats.wait_s, write_drain=stats.drain_s)
         return {"shards": [j.shard for j in jobs], "bytes": sum(j.nbytes for j in jobs), "layers": stats.layers,
                 "decompose": self.transform.seconds, "seconds": time.perf_counter() - self.t_start,
-                "host": socket.gethostname(), "errors": self.transform.errors}
+                "host": socket.gethostname(), "errors": self.transform.errors,
+                "quant_errors": _quant_errors(self.transform, self.tplan.targets),
+                "inexact": sorted(getattr(self.transform, "inexact", ()))}
 
     def finish(self, ranks: list) -> None:
         from .finalize import write_adapter, write_residual_extras
@@ -322,6 +426,8 @@ class _Run:
             outdir.wait_visible(self.staging, [s for x in ranks for s in x["shards"]],
                                 lambda s: shard_done(self.staging, s))
         write_adapter(self.plan_, self.staging, self.key, self.revision)
+        for name, text in self.transform.adapter_files().items():  # QPiSSA: the quantization settings
+            write_text(os.path.join(self.staging, outdir.STAGED_ADAPTER, name), text)
         self.skipped = write_residual_extras(self.plan_, self.staging)
         residual_dir = os.path.join(self.staging, RESIDUAL)
         outdir.mark_moving(self.staging, residual_dir, {"model_class": self.skel.class_name,
@@ -335,6 +441,9 @@ class _Run:
         return summary
 
     # -- helpers -----------------------------------------------------------------------------------
+    def quantization(self) -> dict | None:
+        return self.transform.settings() if isinstance(self.transform, QPissaTransform) else None
+
     def device_spec(self) -> str:
         """The device of this rank: as given; under torchrun "cuda" means cuda:LOCAL_RANK, the
         default is the rank's own (cuda:LOCAL_RANK where its host has CUDA, else the CPU)."""
@@ -353,7 +462,7 @@ class _Run:
         return (f"r={self.r} lora_alpha={self.lora_alpha:g} scaling={self.transform.scaling:g}"
                 f"{' (rslora)' if self.use_rslora else ''} niter={'exact' if self.niter is None else self.niter} "
                 f"seed={self.seed} device={self.dev}"
-                + (f" ({self.team.world_size} ranks)" if self.team.distributed else ""))
+                + (f" ({self.team.world_size} ranks)" if self.team.distributed else "") + _quant_settings(self.transform))
 
     def result_moved(self, summary) -> InitResult:
         self.seconds["total"] = time.perf_counter() - self.t_start
@@ -363,19 +472,24 @@ class _Run:
                           0, self.max_memory, self.transform.scaling, self.settings(),
                           notes=["an interrupted run had finished everything but the final moves: done now"],
                           trust_remote_code=self.trust_remote_code, rank=self.team.rank,
-                          world_size=self.team.world_size)
+                          world_size=self.team.world_size, quantization=self.quantization())
 
     def result(self, ranks: list) -> InitResult:
         self.seconds["total"] = time.perf_counter() - self.t_start
         notes = self.tplan.notes + [f"left out {name}: {why}" for name, why in self.skipped]
-        errors = [e for x in ranks for e in x["errors"]]
+        quant_errors = {m: e for x in ranks for m, e in x["quant_errors"].items()}
+        if isinstance(self.transform, QPissaTransform):  # every rank's, for the notes
+            self.transform.inexact.update(m for x in ranks for m in x["inexact"])
+            notes += _quant_notes(self.transform, quant_errors)
+        errors = [] if self.quantization() else [e for x in ranks for e in x["errors"]]
         per_rank = [{k: v for k, v in x.items() if k != "errors"} for x in ranks] if self.team.distributed else []
         jobs = len(self.plan_.jobs)
         return InitResult(self.out, self.skel.class_name, self.skel.loader, len(self.tplan.targets), jobs,
                           len(self.done), self.seconds, self.stats.max_loaded, self.max_memory,
                           self.transform.scaling, self.settings(), errors=errors, notes=notes,
                           trust_remote_code=self.trust_remote_code, early_layers=self.n_early, rank=self.team.rank,
-                          world_size=self.team.world_size, per_rank=per_rank)
+                          world_size=self.team.world_size, per_rank=per_rank, quantization=self.quantization(),
+                          quant_errors=quant_errors)
 
 
 def _agree(team, what: str, values: list) -> None:
@@ -395,7 +509,10 @@ def init_checkpoint(model: str, out: str, *, target_modules, r: int = 16, lora_a
                     niter: int | None = 4, use_rslora: bool = False, seed: int = 0, device=None,
                     max_memory=DEFAULT_MAX_MEMORY, overwrite: bool = False, trust_remote_code: bool = False,
                     revision: str | None = None, cache_dir: str | None = None, token=None, report_error: int = 0,
-                    threads: int | None = None, progress: bool | None = None) -> InitResult:
+                    threads: int | None = None, progress: bool | None = None, quantize: str | None = None,
+                    qpissa_iters: int | None = None, quant_blocksize: int | None = None,
+                    double_quant: bool = False, qpissa_start: str | None = None,
+                    qpissa_scales: str | None = None) -> InitResult:
     """PiSSA-initialize the checkpoint `model` (a folder, or a Hugging Face Hub id resolved through the
     local cache, which works offline) into `out`: the residual model at `out` (every file and folder of
     the source, the weights replaced by W - B A in their own dtype, same shards and index) and the
@@ -412,6 +529,16 @@ def init_checkpoint(model: str, out: str, *, target_modules, r: int = 16, lora_a
         (default: torch's).
     overwrite: write into a non-empty `out` (same-named files replaced, old weight files removed).
     report_error: measure the error against the exact SVD on this many layers (slow: full SVDs).
+    quantize ("nf4" or "fp4"): QPiSSA (needs bitsandbytes: pip install 'pissa_fast[quant]'). The residual
+        is written in bf16 and is exactly representable in that bitsandbytes 4-bit format: loaded with
+        BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantize, bnb_4bit_use_double_quant=
+        double_quant) and dtype=torch.bfloat16 it gives back bit for bit the R the adapter was fitted to
+        (result.load_code() has the code; the settings are in OUT/pissa_init/pissa_fast_quantization.json,
+        pissa_fast.quant.bnb_config(OUT) rebuilds the config). qpissa_iters: QPiSSA's rounds (default 5).
+        quant_blocksize: only 64, the blocksize transformers loads with. double_quant: bnb's nested
+        quantization of the block scales. qpissa_start ("pissa", "quantized" or "best") and
+        qpissa_scales ("search" or "absmax"): pissa_fast.qpissa's start and scales (default: its own,
+        pissa_fast.quant.qpissa.DEFAULT_START / DEFAULT_SCALES).
     Raises CheckpointError (before writing anything) for bad inputs or arguments.
 
     Under torchrun (WORLD_SIZE > 1) every rank makes this same call and `out` must be on a filesystem
@@ -448,7 +575,12 @@ def init_checkpoint(model: str, out: str, *, target_modules, r: int = 16, lora_a
         raise CheckpointError(f"pissa-fast init under torchrun: {e}") from None
 
     def make_transform(dev: torch.device):
-        return PissaTransform(r=r, lora_alpha=lora_alpha, niter=niter, use_rslora=use_rslora, seed=seed, device=dev)
+        return _make_transform(r=r, lora_alpha=lora_alpha, niter=niter, use_rslora=use_rslora, seed=seed, device=dev,
+                               report_error=report_error, quantize=quantize, qpissa_iters=qpissa_iters,
+                               quant_blocksize=quant_blocksize, double_quant=double_quant,
+                               qpissa_start=qpissa_start, qpissa_scales=qpissa_scales)
+
+    make_transform(torch.device("cpu"))  # every (Q)PiSSA argument checked here, before any rank starts
 
     run = _Run(model=os.fspath(model), out=os.fspath(out), spec=spec, r=r, lora_alpha=lora_alpha, niter=niter,
                use_rslora=use_rslora, seed=seed, device=device,
