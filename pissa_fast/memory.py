@@ -16,6 +16,7 @@ residual there would crash the process.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import ctypes
 import errno
 import os
@@ -26,7 +27,7 @@ import torch
 MADV_POPULATE_WRITE = 23  # <linux/mman.h>, since 5.14
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _MIN_BYTES = 1 << 20  # below this the page faults cost less than reading /proc/self/maps
-_state = {"libc": None, "unsupported": not sys.platform.startswith("linux")}
+_state = {"libc": None, "unsupported": not sys.platform.startswith("linux"), "covered": []}
 
 
 def _mappings() -> list[tuple[int, int, str, str]]:
@@ -68,6 +69,16 @@ def prepare_inplace(tensors, names=None) -> int:
     parts that lie in private file mappings (one madvise per tensor). Raises ValueError for a tensor
     in a read-only mapping. Returns the number of bytes populated."""
     cpu = [(i, t) for i, t in enumerate(tensors) if t.device.type == "cpu" and t.numel() > 0]
+    if _state["covered"]:  # already handled by an enclosing prepared() block
+        covered = sorted(_state["covered"])
+        starts = [lo for lo, _ in covered]
+
+        def inside(t):
+            a, b = span(t)
+            k = bisect.bisect_right(starts, a) - 1
+            return k >= 0 and b <= covered[k][1]
+
+        cpu = [(i, t) for i, t in cpu if not inside(t)]
     if os.environ.get("PISSA_FAST_POPULATE", "1").strip().lower() in ("0", "false", "no", "off"):
         cpu = []  # diagnostic switch: measure the per-page faults this avoids (benchmarks/bench_peft.py)
     if not cpu or _state["unsupported"] or sum(t.numel() * t.element_size() for _, t in cpu) < _MIN_BYTES:
@@ -95,3 +106,16 @@ def prepare_inplace(tensors, names=None) -> int:
                 if not _state["unsupported"] and _madvise(a, b, MADV_POPULATE_WRITE):
                     populated += b - a
     return populated
+
+
+@contextlib.contextmanager
+def prepared(tensors, names=None):
+    """prepare_inplace(tensors) once, for a caller about to decompose them in several calls: inside
+    the block, prepare_inplace skips them (one read of /proc/self/maps instead of one per call)."""
+    prepare_inplace(tensors, names)
+    spans = [span(t) for t in tensors if t.device.type == "cpu" and t.numel() > 0]
+    _state["covered"] = _state["covered"] + spans
+    try:
+        yield
+    finally:
+        _state["covered"] = _state["covered"][:len(_state["covered"]) - len(spans)]

@@ -14,6 +14,7 @@ parameters have, as peft's pissa_init followed by its move to the base layer's d
 """
 from __future__ import annotations
 
+import bisect
 import contextlib
 import math
 from collections import defaultdict
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import memory
 from ..memory import span
 from ..options import PEFT_PISSA_DTYPES, progress_enabled
 from .niter import decompose_kwargs
@@ -102,15 +104,39 @@ def _span(w: torch.Tensor) -> tuple[str, int, int]:
     return (str(w.device), lo, hi)
 
 
+class _Disjoint:
+    """Disjoint byte spans per device, with an O(log n) overlap test."""
+
+    def __init__(self):
+        self.starts: dict[str, list[int]] = defaultdict(list)
+        self.ends: dict[str, list[int]] = defaultdict(list)
+        self.owner: dict[tuple[str, int], Pending] = {}
+
+    def overlapping(self, dev: str, lo: int, hi: int) -> Pending | None:
+        starts, ends = self.starts[dev], self.ends[dev]
+        k = bisect.bisect_right(starts, lo)
+        for j in (k - 1, k):  # the span starting at or before lo, and the next one
+            if 0 <= j < len(starts) and starts[j] < hi and lo < ends[j]:
+                return self.owner[(dev, starts[j])]
+        return None
+
+    def add(self, dev: str, lo: int, hi: int, p: Pending) -> None:
+        k = bisect.bisect_right(self.starts[dev], lo)
+        self.starts[dev].insert(k, lo)
+        self.ends[dev].insert(k, hi)
+        self.owner[(dev, lo)] = p
+
+
 def ties(pending: list[Pending]) -> list[tuple[Pending, Pending]]:
     """(later, earlier) for every layer whose weight an earlier pending layer shares (tied weights)."""
-    out, seen = [], []
+    out, seen = [], _Disjoint()
     for p in pending:
         dev, lo, hi = _span(p.layer.get_base_layer().weight)
-        earlier = next((q for d, l, h, q in seen if d == dev and lo < h and l < hi), None)
+        earlier = seen.overlapping(dev, lo, hi)
         if earlier is not None:
             out.append((p, earlier))
-        seen.append((dev, lo, hi, p))
+        else:
+            seen.add(dev, lo, hi, p)
     return out
 
 
@@ -118,14 +144,14 @@ def _waves(pending: list[Pending]) -> list[list[Pending]]:
     """Split into consecutive waves of layers with disjoint weights. A layer whose weight an earlier
     layer of its wave shares (tied weights) starts a new wave, so it decomposes that layer's residual,
     as peft's layer-by-layer loop does."""
-    waves, current, spans = [], [], []
+    waves, current, spans = [], [], _Disjoint()
     for p in pending:
         dev, lo, hi = _span(p.layer.get_base_layer().weight)
-        if any(d == dev and lo < h and l < hi for d, l, h in spans):
+        if spans.overlapping(dev, lo, hi) is not None:
             waves.append(current)
-            current, spans = [], []
+            current, spans = [], _Disjoint()
         current.append(p)
-        spans.append((dev, lo, hi))
+        spans.add(dev, lo, hi, p)
     if current:
         waves.append(current)
     return waves
@@ -173,10 +199,6 @@ def initialize(pending: list[Pending], seed: int, *, progress: bool | None = Non
     Every weight of one decompose_many call is checked and factored before any residual is written;
     `seed` draws the test matrices (decompose_many's seed). gather=False when the caller already
     holds peft's gather_params_ctx for these weights."""
-    from peft.utils.integrations import gather_params_ctx
-
-    from ..core import decompose_many
-
     if not pending:
         return
     bar = None
@@ -186,25 +208,37 @@ def initialize(pending: list[Pending], seed: int, *, progress: bool | None = Non
         niters = {p.niter for p in pending}
         what = "exact" if niters == {None} else "niter " + ",".join(str(n) for n in sorted(niters, key=str))
         bar = tqdm(total=len(pending), desc=f"PiSSA init (pissa_fast, {what})", unit="layer")
+    # one look at the process's memory map for the whole batch (file-backed weights: memory.py);
+    # ZeRO-3-partitioned weights have no data until gathered: decompose_many looks at those itself
+    local = [p for p in pending if not hasattr(p.layer.get_base_layer().weight, "ds_id")]
     try:
-        for wave in _waves(pending):
-            groups: dict[tuple, list[Pending]] = defaultdict(list)
-            for p in wave:
-                w = p.layer.get_base_layer().weight
-                groups[(p.niter, int(p.layer.r[p.adapter]), w.device)].append(p)
-            for (niter, r, device), items in groups.items():
-                for chunk in _chunks(items, device):
-                    weights = [p.layer.get_base_layer().weight for p in chunk]
-                    # peft gathers each weight around its pissa_init (DeepSpeed ZeRO-3); so do we, per call
-                    with gather_params_ctx(weights) if gather else contextlib.nullcontext():
-                        outs = decompose_many([_matrix(p) for p in chunk], r, inplace=True, seed=seed,
-                                              **decompose_kwargs(niter, r))
-                        for p, w, d in zip(chunk, weights, outs):
-                            root = math.sqrt(p.layer.scaling[p.adapter])
-                            _set_param(p.layer.lora_A[p.adapter], d.A / root, w.dtype)
-                            _set_param(p.layer.lora_B[p.adapter], d.B / root, w.dtype)
-                    if bar is not None:
-                        bar.update(len(chunk))
+        with memory.prepared([_matrix(p) for p in local], [label(p) for p in local]):
+            _run(pending, seed, gather, bar)
     finally:
         if bar is not None:
             bar.close()
+
+
+def _run(pending: list[Pending], seed: int, gather: bool, bar) -> None:
+    from peft.utils.integrations import gather_params_ctx
+
+    from ..core import decompose_many
+
+    for wave in _waves(pending):
+        groups: dict[tuple, list[Pending]] = defaultdict(list)
+        for p in wave:
+            w = p.layer.get_base_layer().weight
+            groups[(p.niter, int(p.layer.r[p.adapter]), w.device)].append(p)
+        for (niter, r, device), items in groups.items():
+            for chunk in _chunks(items, device):
+                weights = [p.layer.get_base_layer().weight for p in chunk]
+                # peft gathers each weight around its pissa_init (DeepSpeed ZeRO-3); so do we, per call
+                with gather_params_ctx(weights) if gather else contextlib.nullcontext():
+                    outs = decompose_many([_matrix(p) for p in chunk], r, inplace=True, seed=seed,
+                                          **decompose_kwargs(niter, r))
+                    for p, w, d in zip(chunk, weights, outs):
+                        root = math.sqrt(p.layer.scaling[p.adapter])
+                        _set_param(p.layer.lora_A[p.adapter], d.A / root, w.dtype)
+                        _set_param(p.layer.lora_B[p.adapter], d.B / root, w.dtype)
+                if bar is not None:
+                    bar.update(len(chunk))
