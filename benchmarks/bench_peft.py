@@ -40,7 +40,7 @@ PRESETS = {  # (hidden, intermediate, heads, kv heads, default layers)
     "tinyllama-1.1b": (2048, 5632, 32, 4, 8),
     "smollm2-135m": (576, 1536, 9, 3, 30),
 }
-PATHS = ("peft", "backend", "dropin")
+PATHS = ("peft", "backend", "dropin")  # also: backend-nopopulate (PISSA_FAST_POPULATE=0, file-backed cost)
 FLOWS = ("from_pretrained", "in-memory")
 
 
@@ -57,6 +57,10 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch threads in each run (default: torch's)")
     p.add_argument("--checkpoint", default=None, help="folder for the checkpoint (default: a temporary one)")
     p.add_argument("--decay", type=float, default=0.35)
+    p.add_argument("--fast-niter", default="",
+                   help="what-if for the pissa_fast paths, e.g. '4:2,16:4': run pissa_fast's niter 2 where peft "
+                        "runs pissa_niter_4 (stands in for the accuracy mapping of pissa_fast.peft.decompose_kwargs; "
+                        "check the L1 table that it is at least as accurate)")
     p.add_argument("--json", default=None)
     p.add_argument("--no-errors", action="store_true", help="skip the L1 error table")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -122,6 +126,13 @@ def child(spec: dict) -> dict:
     from safetensors import safe_open
 
     import pissa_fast.peft
+    import pissa_fast.peft.layers
+
+    if spec["fast_niter"]:  # what-if: the one mapping function, overridden for this benchmark only
+        mapping = spec["fast_niter"]
+        pissa_fast.peft.layers.decompose_kwargs = lambda niter, r: {"niter": mapping.get(str(niter), niter)}
+    if spec["path"] == "backend-nopopulate":
+        os.environ["PISSA_FAST_POPULATE"] = "0"
 
     model = transformers.AutoModelForCausalLM.from_pretrained(spec["checkpoint"], dtype=torch.bfloat16)
     if spec["flow"] == "in-memory":
@@ -139,7 +150,7 @@ def child(spec: dict) -> dict:
     r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     if spec["path"] == "peft":
         pm = peft.get_peft_model(model, config)
-    elif spec["path"] == "backend":
+    elif spec["path"].startswith("backend"):
         with pissa_fast.peft.enabled():
             pm = peft.get_peft_model(model, config)
     else:
@@ -158,7 +169,7 @@ def child(spec: dict) -> dict:
                 layers=layers, threads=torch.get_num_threads())
 
 
-def errors(args, ckpt, niters):
+def errors(args, ckpt, niters, fast_niter):
     """L1 vs exact SVD of one weight: peft's factors (svd_lowrank, q = r, on the float32 weight) and
     pissa_fast's (decompose with the backend's kwargs), as pissa_fast.metrics reports them."""
     import torch
@@ -180,8 +191,10 @@ def errors(args, ckpt, niters):
         V, S, U = torch.svd_lowrank(w.float(), args.r, niter=n)
         root = S.sqrt()
         e_peft = error_vs_exact(w, Factors(root[:, None] * U.T, V * root, S), exact=exact)
-        e_fast = error_vs_exact(w, decompose(w, args.r, **decompose_kwargs(n, args.r)), exact=exact)
-        rows.append((n, e_peft.l1, e_fast.l1))
+        kwargs = decompose_kwargs(n, args.r)
+        kwargs["niter"] = fast_niter.get(str(n), kwargs["niter"])
+        e_fast = error_vs_exact(w, decompose(w, args.r, **kwargs), exact=exact)
+        rows.append((n, kwargs["niter"], e_peft.l1, e_fast.l1))
     return "x".join(map(str, w.shape)), rows
 
 
@@ -195,6 +208,7 @@ def main(argv=None) -> int:
     niters = [int(n) for n in args.niters.split(",")]
     flows = [f for f in args.flows.split(",") if f]
     paths = [p for p in args.paths.split(",") if p]
+    fast_niter = {k: int(v) for k, v in (kv.split(":") for kv in args.fast_niter.split(",") if kv)}
     tmp = None
     ckpt = args.checkpoint
     if ckpt is None:
@@ -216,7 +230,7 @@ def main(argv=None) -> int:
             order = paths[rep % len(paths):] + paths[:rep % len(paths)]  # rotate: no path always first
             for path in order:
                 spec = dict(flow=flow, niter=niter, path=path, r=args.r, alpha=args.alpha, checkpoint=ckpt,
-                            threads=args.threads)
+                            threads=args.threads, fast_niter=fast_niter)
                 out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env,
                                      capture_output=True, text=True)
                 if out.returncode != 0:
@@ -227,7 +241,7 @@ def main(argv=None) -> int:
                 print(f"  {rep + 1}/{args.repeats} {flow:15s} niter {niter:2d} {path:8s} wall {run['wall']:6.2f} s "
                       f"cpu {run['cpu']:6.2f} s peak +{run['peak_mib']:7.1f} MiB recon {run['recon']:.1e}",
                       file=sys.stderr)
-    err = None if args.no_errors else errors(args, ckpt, niters)
+    err = None if args.no_errors else errors(args, ckpt, niters, fast_niter)
 
     import peft
     import torch
@@ -250,6 +264,9 @@ def main(argv=None) -> int:
           f"({pissa_fast.build_info()}), {platform.machine()}. Medians of {args.repeats} runs, each in a fresh "
           f"process; CPU = user + sys seconds of that process; peak = growth of VmHWM during the call.\n")
     head = "| flow | niter | path | wall (s) | speed-up | CPU (s) | CPU speed-up | peak extra RSS (MiB) |"
+    if fast_niter:
+        print(f"What-if: the pissa_fast paths ran niter {fast_niter} (peft's N: pissa_fast's), standing in for "
+              f"the accuracy mapping; the L1 table below checks it.\n")
     print(head)
     print("|---|---|---|---:|---:|---:|---:|---:|")
     for flow, niter in cases:
@@ -265,10 +282,10 @@ def main(argv=None) -> int:
         shape, rows = err
         print(f"\nL1 error against the exact SVD (pissa_fast.error_vs_exact), model.layers.0.self_attn.q_proj "
               f"({shape}):\n")
-        print("| niter | peft (svd_lowrank) | pissa_fast (backend's setting) |")
-        print("|---:|---:|---:|")
-        for n, lp, lf in rows:
-            print(f"| {n} | {lp:.2e} | {lf:.2e} |")
+        print("| pissa_niter_N | peft (svd_lowrank, niter N) | pissa_fast niter run | pissa_fast |")
+        print("|---:|---:|---:|---:|")
+        for n, nf, lp, lf in rows:
+            print(f"| {n} | {lp:.2e} | {nf} | {lf:.2e} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(args=vars(args), runs=runs, errors=err), f, indent=1)
