@@ -88,7 +88,9 @@ def extensions():
         return [CppExtension("pissa_fast._C", sources, extra_compile_args={"cxx": cxx},
                              py_limited_api=False)]
     archs = _arch_list()
-    sources += sorted(glob.glob("csrc/cuda/*.cu"))
+    # csrc/cuda/*.cpp: host code that needs the CUDA headers (the switch between the kernels and the
+    # ATen passes); *.cu: the kernels.
+    sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
     define = [("PISSA_FAST_CUDA_ARCHS", '"%s"' % archs.replace(";", ","))]
     nvcc = ["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]
     nvcc += ["-std=c++20", "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC"]
@@ -127,6 +129,7 @@ setup(
     cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=False), "build_py": build_py_with_pth},
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "numpy", "tqdm"],
-    extras_require={"peft": [f"peft{PEFT_SPECIFIER}", "transformers>=4.56"]},
+    # QPiSSA and its QLoRA/LoftQ baselines quantize with bitsandbytes' own NF4 (CPU and CUDA since 0.48).
+    extras_require={"peft": [f"peft{PEFT_SPECIFIER}", "transformers>=4.56"], "quant": ["bitsandbytes==0.50.2"]},
     entry_points={"console_scripts": ["pissa-fast=pissa_fast.cli:main"]},
 )

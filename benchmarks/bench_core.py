@@ -1,9 +1,14 @@
 #!/usr/bin/env python
-"""Issue-2 benchmark: pissa_fast.decompose against the peft path and torch.linalg.svd on
-REFERENCE.md's test matrix (m x n, s_i = i^-0.35, Haar-random singular vectors), r = 16,
-niter 1, 2, 4, 8, float32 and bfloat16, all measured side by side in one run.
+"""Core benchmark (issues 2 and 13): pissa_fast.decompose against the peft path and torch.linalg.svd on
+REFERENCE.md's test matrix (m x n, s_i = i^-0.35, Haar-random singular vectors), all measured side by
+side in one run:
 
-    python benchmarks/bench_core.py [--size 4096] [--rank 16] [--niters 1,2,4,8] [--repeats 5]
+- equal niter: every rank of --ranks, every niter of --niters, every dtype of --dtypes;
+- matched accuracy (the issue-13 headline): for each N of --match, peft's pissa_niter_N against
+  pissa_fast.decompose(W, r, **svd_lowrank_equivalent(N, r)) (in place), per rank;
+- bf16 peak extra memory of one decomposition.
+
+    python benchmarks/bench_core.py [--size 4096] [--ranks 16] [--niters 1,2,4,8] [--match 4,16] [--repeats 5]
 
 Times are medians over interleaved repeats (after a warm-up) and include the residual. L1 is the
 mean |A - A*|, |B - B*| averaged (pissa_fast.error_vs_exact) against the exact float64 factors of the
@@ -94,22 +99,29 @@ def peak_extra_memory(n, r, niter, which, threads):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=4096)
-    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--rank", type=int, default=None, help="one rank (same as --ranks R)")
+    ap.add_argument("--ranks", default="16")
     ap.add_argument("--niters", default="1,2,4,8")
+    ap.add_argument("--match", default="4,16", help="peft niters for the matched-accuracy table ('none': skip)")
+    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--no-svd", action="store_true", help="skip timing the exact float32 SVD")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--json", default=None, help="write all measurements here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    niters = [int(x) for x in args.niters.split(",")]
-    n, r = args.size, args.rank
-    print(f"# pissa_fast core benchmark  {time.strftime('%Y-%m-%d %H:%M')}")
+    niters = [int(x) for x in args.niters.split(",") if x]
+    ranks = [args.rank] if args.rank else [int(x) for x in args.ranks.split(",")]
+    match = [] if args.match == "none" else [int(x) for x in args.match.split(",")]
+    n, r = args.size, ranks[0]
+    print(f"# pissa_fast core benchmark  {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(f"torch {torch.__version__}, pissa_fast build {pf.build_info()}, {args.threads} threads, "
-          f"CPU {platform.processor() or platform.machine()}, matrix {n}x{n}, r={r}")
+          f"CPU {platform.processor() or platform.machine()}, matrix {n}x{n}, r={','.join(map(str, ranks))}, "
+          f"load average at start {os.getloadavg()[0]:.1f} (machine shared: absolute times are noisy)")
     print(f"command: {' '.join([os.path.basename(sys.executable)] + sys.argv)}\n")
     W64, exact64 = test_matrix(n)
-    rows, results = [], {"size": n, "rank": r, "threads": args.threads, "torch": torch.__version__, "rows": []}
+    results = {"size": n, "ranks": ranks, "threads": args.threads, "torch": torch.__version__, "rows": []}
 
     for dname in args.dtypes.split(","):
         dtype = getattr(torch, dname)
@@ -118,36 +130,79 @@ def main():
             exact = exact64
         else:  # the weight as stored is what both methods decompose
             exact = pf.exact_factors(W.double())
-        t_svd = time_interleaved({"svd": lambda: torch.linalg.svd(W.float(), full_matrices=False)}, 1)["svd"]
-        print(f"## {dname}: torch.linalg.svd (float32, exact) {t_svd * 1e3:.0f} ms\n")
-        print("| niter | peft path | pissa_fast | pissa_fast inplace | time ratio (inplace / peft) "
-              "| L1 peft | L1 pissa_fast | L1 ratio |")
-        print("|---|---|---|---|---|---|---|---|")
-        for niter in niters:
-            Wc = W.clone()
+        Wref = W64 if dtype == torch.float32 else W.double()
+        t_svd = None
+        if niters:
+            if not args.no_svd:
+                t_svd = time_interleaved({"svd": lambda: torch.linalg.svd(W.float(), full_matrices=False)}, 1)["svd"]
+            print(f"## {dname}: equal niter" + ("" if t_svd is None else f"; torch.linalg.svd (float32, exact) {t_svd * 1e3:.0f} ms") + "\n")
+            print("| r | niter | peft path | pissa_fast | pissa_fast inplace | time ratio (inplace / peft) "
+                  "| L1 peft | L1 pissa_fast | L1 ratio |")
+            print("|---|---|---|---|---|---|---|---|---|")
+        for r in ranks:
+            for niter in niters:
+                Wc = W.clone()
 
-            def ours_inplace():
-                Wc.copy_(W)  # a fresh weight each time; the copy is timed separately and subtracted
-                return pf.decompose(Wc, r, niter, inplace=True)
+                def ours_inplace():
+                    Wc.copy_(W)  # a fresh weight each time; the copy is timed separately and subtracted
+                    return pf.decompose(Wc, r, niter, inplace=True)
 
-            t = time_interleaved({
-                "peft": lambda: peft_path(W, r, niter),
-                "ours": lambda: pf.decompose(W, r, niter),
-                "inplace": ours_inplace,
-                "copy": lambda: Wc.copy_(W),
-            }, args.repeats)
-            t["inplace"] = max(t["inplace"] - t["copy"], 0.0)
-            torch.manual_seed(0)
-            e_peft = pf.error_vs_exact(W64 if dtype == torch.float32 else W.double(), peft_path(W, r, niter), exact=exact)
-            e_ours = pf.error_vs_exact(W64 if dtype == torch.float32 else W.double(), pf.decompose(W, r, niter), exact=exact)
-            row = dict(dtype=dname, niter=niter, t_peft=t["peft"], t_ours=t["ours"], t_inplace=t["inplace"],
-                       t_svd=t_svd, l1_peft=e_peft.l1, l1_ours=e_ours.l1, err_peft=e_peft.as_dict(),
-                       err_ours=e_ours.as_dict())
-            results["rows"].append(row)
-            print(f"| {niter} | {t['peft'] * 1e3:.1f} ms | {t['ours'] * 1e3:.1f} ms | {t['inplace'] * 1e3:.1f} ms | "
-                  f"{t['inplace'] / t['peft']:.2f} | {e_peft.l1:.2e} | {e_ours.l1:.2e} | {e_ours.l1 / e_peft.l1:.3f} |")
+                t = time_interleaved({
+                    "peft": lambda: peft_path(W, r, niter),
+                    "ours": lambda: pf.decompose(W, r, niter),
+                    "inplace": ours_inplace,
+                    "copy": lambda: Wc.copy_(W),
+                }, args.repeats)
+                t["inplace"] = max(t["inplace"] - t["copy"], 0.0)
+                torch.manual_seed(0)
+                e_peft = pf.error_vs_exact(Wref, peft_path(W, r, niter), exact=exact)
+                e_ours = pf.error_vs_exact(Wref, pf.decompose(W, r, niter), exact=exact)
+                row = dict(kind="equal_niter", dtype=dname, r=r, niter=niter, t_peft=t["peft"], t_ours=t["ours"],
+                           t_inplace=t["inplace"], t_svd=t_svd, l1_peft=e_peft.l1, l1_ours=e_ours.l1,
+                           err_peft=e_peft.as_dict(), err_ours=e_ours.as_dict())
+                results["rows"].append(row)
+                print(f"| {r} | {niter} | {t['peft'] * 1e3:.1f} ms | {t['ours'] * 1e3:.1f} ms | {t['inplace'] * 1e3:.1f} ms | "
+                      f"{t['inplace'] / t['peft']:.2f} | {e_peft.l1:.2e} | {e_ours.l1:.2e} | {e_ours.l1 / e_peft.l1:.3f} |",
+                      flush=True)
+        print()
+        if not match:
+            continue
+        print(f"## {dname}: matched accuracy, peft pissa_niter_N vs pissa_fast.svd_lowrank_equivalent(N, r), in place\n")
+        print("| r | N | peft path | L1 peft (mean of 3 seeds) | pissa_fast | niter used | L1 pissa_fast | "
+              "l1_rel true / estimate | speed-up |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for r in ranks:
+            for N in match:
+                kw = pf.svd_lowrank_equivalent(N, r)
+                Wc = W.clone()
+
+                def ours_matched():
+                    Wc.copy_(W)
+                    return pf.decompose(Wc, r, inplace=True, **kw)
+
+                t = time_interleaved({"peft": lambda: peft_path(W, r, N), "ours": ours_matched,
+                                      "copy": lambda: Wc.copy_(W)}, args.repeats)
+                t["ours"] = max(t["ours"] - t["copy"], 1e-9)
+                l1_peft = []
+                for seed in range(3):
+                    torch.manual_seed(seed)
+                    l1_peft.append(pf.error_vs_exact(Wref, peft_path(W, r, N), exact=exact).l1)
+                l1_peft = statistics.mean(l1_peft)
+                out = pf.decompose(W, r, **kw)
+                e = pf.error_vs_exact(Wref, out, exact=exact)
+                results["rows"].append(dict(kind="matched", dtype=dname, r=r, N=N, t_peft=t["peft"], t_ours=t["ours"],
+                                            l1_peft=l1_peft, l1_ours=e.l1, niter_used=out.niter_used,
+                                            l1_rel=e.l1_rel, estimate=out.estimate))
+                print(f"| {r} | {N} | {t['peft'] * 1e3:.1f} ms | {l1_peft:.2e} | {t['ours'] * 1e3:.1f} ms | "
+                      f"{out.niter_used} | {e.l1:.2e}{'' if e.l1 <= l1_peft else ' (less accurate)'} | "
+                      f"{e.l1_rel:.2e} / {out.estimate:.2e} | {t['peft'] / t['ours']:.2f}x |", flush=True)
         print()
 
+    if args.no_memory:
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
+        return
     print("## bfloat16 peak extra memory (one decomposition, niter 4; weight itself excluded)\n")
     wbytes = n * n * 2
     print(f"| method | peak extra | as % of the weight ({wbytes / 2**20:.0f} MiB) |")

@@ -1,25 +1,31 @@
 """GPU benchmark of a whole model's PiSSA initialization: LLaMA-2-7B-shaped bf16 weights (32 layers x
-q,k,v,o 4096x4096, gate/up 11008x4096, down 4096x11008), r = 16, niter = 4. Part of
-benchmarks/gpu_check.sh (see /work/shared/GPU.md).
+q,k,v,o 4096x4096, gate/up 11008x4096, down 4096x11008), r = 16, niter = 4, with one of the two CUDA
+implementations of the passes (--impl aten | kernels). Part of benchmarks/gpu_check.sh (see
+/work/shared/GPU.md), which runs it once per implementation, each in its own process.
 
 Measured in one run on one device:
   - pissa_fast.decompose_many(weights, r, niter, inplace=True) on every matrix, after a warm-up;
-  - the peft path ("pissa_niter_4"): per matrix, fp32 copy, torch.svd_lowrank(w, q=r, niter), factors,
-    residual cast back (all matrices unless --peft-budget-s runs out; then extrapolated);
-  - torch.linalg.svd (peft's "pissa" init) on one matrix of each shape, extrapolated to the model;
-  - achieved GB/s of the gram, wx, wtx and residual_ kernels on each same-shape group, against a
-    device-to-device copy (clone of a large bf16 tensor) measured in the same run;
-  - error against the exact SVD (pissa_fast.error_vs_exact) on sample matrices, for both methods.
+  - achieved GB/s of the gram, wx, wtx and residual_ passes on each same-shape group, against a
+    device-to-device copy (clone of a large bf16 tensor) measured in the same run, and how much the
+    fused gram pass saves over wx + wtx (two reads of W);
+  - error against the exact SVD (pissa_fast.error_vs_exact) on sample matrices;
+  - with --baselines (once per GPU check): the peft path ("pissa_niter_4": per matrix, fp32 copy,
+    torch.svd_lowrank(w, q=r, niter), factors, residual cast back; all matrices unless its time budget
+    runs out, then extrapolated) and torch.linalg.svd (peft's "pissa") on one matrix of each shape,
+    extrapolated to the model, both with the peft path's error on the same samples.
 Weights are generated on the device: a decaying low-rank part plus noise (spectra like trained layers'
-heads and tails), cheap to build. Prints the environment first and a summary table last.
+heads and tails), cheap to build. --json merges this run into the file: out["impls"][impl] and
+out["baselines"]; benchmarks/gpu_summary.py turns it into the table. Prints the environment first.
 
-    python benchmarks/gpu_bench.py --device cuda --json bench.json
-    python benchmarks/gpu_bench.py --device cpu --small      # the script itself, on a CPU
+    python benchmarks/gpu_bench.py --device cuda --impl aten --baselines --json bench.json
+    python benchmarks/gpu_bench.py --device cuda --impl kernels --json bench.json
+    python benchmarks/gpu_bench.py --device cpu --small --impl aten      # the script itself, on a CPU
 """
 from __future__ import annotations
 
 import argparse
 import json
+import contextlib
 import math
 import os
 import platform
@@ -32,6 +38,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pissa_fast as pf  # noqa: E402
+from pissa_fast.passes import _aten_passes_on_cpu  # noqa: E402
 
 ops = pf.ops
 
@@ -133,9 +140,26 @@ def environment(device):
     return env
 
 
+def implementation(impl, device):
+    """The passes run `impl`: the CUDA switch; on a CPU (smoke test) "aten" puts the ATen passes in
+    place of the CPU kernels and "kernels" means the CPU kernels."""
+    if device.type == "cuda":
+        return pf.use_cuda_passes(impl)
+    return _aten_passes_on_cpu() if impl == "aten" else contextlib.nullcontext()
+
+
+def load_json(path):
+    if path and os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return {}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda")
+    p.add_argument("--impl", default="aten", choices=("aten", "kernels"))
+    p.add_argument("--baselines", action="store_true", help="also time the peft path and torch.linalg.svd")
     p.add_argument("--small", action="store_true", help="a tiny model (CPU smoke test)")
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--r", type=int, default=16)
@@ -148,7 +172,7 @@ def main(argv=None):
                    help="total time to stay within: the peft timing shrinks and the exact-SVD error samples "
                         "are skipped when they would not fit")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None)
+    p.add_argument("--json", default=None, help="merge this run into this file")
     args = p.parse_args(argv)
     t_begin = time.time()
     device = torch.device(args.device)
@@ -162,19 +186,21 @@ def main(argv=None):
         layers, hidden, inter = args.layers or 2, 64, 172
     else:
         layers, hidden, inter = args.layers or 32, 4096, 11008
-    r, niter = args.r, args.niter
+    r, niter, impl = args.r, args.niter, args.impl
     env = environment(device)
-    print("# gpu_bench " + "  ".join(f"{k}={v}" for k, v in env.items()), flush=True)
+    print("# gpu_bench " + "  ".join(f"{k}={v}" for k, v in env.items()) + f"  impl={impl}", flush=True)
     print(f"# model: {layers} layers, hidden {hidden}, intermediate {inter}, {dtype}, r={r}, niter={niter}",
           flush=True)
-    out = {"env": env, "config": dict(layers=layers, hidden=hidden, inter=inter, dtype=str(dtype), r=r,
-                                      niter=niter, small=args.small)}
+    doc = load_json(args.json)
+    doc.update(env=env, config=dict(layers=layers, hidden=hidden, inter=inter, dtype=str(dtype), r=r,
+                                    niter=niter, small=args.small))
+    out = doc.setdefault("impls", {})[impl] = {}
 
     def save():  # after every section, so a run cut short by a time limit still leaves its numbers
         if args.json:
             out["seconds_total"] = time.time() - t_begin
             with open(args.json, "w") as f:
-                json.dump(out, f, indent=1)
+                json.dump(doc, f, indent=1)
 
     # ---- weights
     gen = torch.Generator(device=device).manual_seed(args.seed)
@@ -184,7 +210,7 @@ def main(argv=None):
     sync(device)
     nbytes = sum(w.numel() * w.element_size() for w in weights.values())
     print(f"weights: {len(weights)} matrices, {nbytes / 1e9:.2f} GB, generated in {time.time() - t0:.1f}s", flush=True)
-    out["weights"] = {"matrices": len(weights), "gb": nbytes / 1e9}
+    doc["weights"] = {"matrices": len(weights), "gb": nbytes / 1e9}
     save()
     samples = {"square": "layers.0.self_attn.q_proj", "tall": "layers.0.mlp.gate_proj"}
     originals = {k: weights[name].clone() for k, name in samples.items()}
@@ -199,62 +225,94 @@ def main(argv=None):
     out["copy_gbs"] = copy_gbs
     save()
 
-    # ---- pissa_fast, whole model, in place (warm-up on copies of one layer first)
-    warm = {k: v.clone() for k, v in list(weights.items())[:7]}
-    pf.decompose_many(warm, r=r, niter=niter, inplace=True)
-    del warm
-    sync(device)
-    with Timer(device) as t:
-        decs = pf.decompose_many(weights, r=r, niter=niter, inplace=True)
-    pf_s = t.seconds
-    print(f"pissa_fast.decompose_many (in place, {len(weights)} matrices): {pf_s:.3f}s", flush=True)
-    passes = niter + 1
-    out["pissa_fast"] = {"seconds": pf_s, "passes_over_W": passes, "residual_passes": 1,
-                         "effective_gbs": (passes + 2) * nbytes / pf_s / 1e9}
-    save()
+    with implementation(impl, device):
+        # ---- pissa_fast, whole model, in place (warm-up on copies of one layer first)
+        warm = {k: v.clone() for k, v in list(weights.items())[:7]}
+        pf.decompose_many(warm, r=r, niter=niter, inplace=True)
+        del warm
+        sync(device)
+        with Timer(device) as t:
+            decs = pf.decompose_many(weights, r=r, niter=niter, inplace=True)
+        pf_s = t.seconds
+        passes = niter + 1
+        print(f"pissa_fast.decompose_many ({impl}, in place, {len(weights)} matrices): {pf_s:.3f}s", flush=True)
+        out["pissa_fast"] = {"seconds": pf_s, "passes_over_W": passes, "residual_passes": 1,
+                             "effective_gbs": (passes + 2) * nbytes / pf_s / 1e9}
+        save()
 
-    # ---- kernel bandwidth on each same-shape group (weights now hold residuals; values do not matter)
-    groups = {}
-    for name, w in weights.items():
-        groups.setdefault(tuple(w.shape), []).append(w)
-    kernels = {}
-    acc = torch.float32
-    for shape, ws in groups.items():
-        b, (m, n) = len(ws), shape
-        wbytes = b * m * n * ws[0].element_size()
-        k = r  # the width Krylov passes use at niter >= 3 (no oversampling)
-        V = torch.randn(b, n, k, device=device, dtype=acc)
-        Y = torch.randn(b, m, k, device=device, dtype=acc)
-        Bf = torch.randn(b, m, r, device=device, dtype=acc) * 1e-4
-        Af = torch.randn(b, r, n, device=device, dtype=acc) * 1e-4
-        row = {"matrices": b, "shape": list(shape), "w_gb": wbytes / 1e9}
-        for kname, fn, moved in (("gram", lambda: ops.gram(ws, V), wbytes),
-                                 ("wx", lambda: ops.wx(ws, V), wbytes),
-                                 ("wtx", lambda: ops.wtx(ws, Y), wbytes),
-                                 ("residual_", lambda: ops.residual_(ws, Bf, Af), 2 * wbytes)):
-            s = median_time(fn, device, args.reps)
-            row[kname] = {"seconds": s, "gbs": moved / s / 1e9, "of_copy": moved / s / 1e9 / copy_gbs}
-        kernels["x".join(map(str, shape))] = row
-        print(f"group {b:3d} x {m}x{n}: " + "  ".join(
-            f"{kn} {row[kn]['gbs']:.0f} GB/s ({100 * row[kn]['of_copy']:.0f}% of copy)"
-            for kn in ("gram", "wx", "wtx", "residual_")), flush=True)
-        del V, Y, Bf, Af
-    out["kernels"] = kernels
-    total_w = sum(v["w_gb"] for v in kernels.values())
-    for kn in ("gram", "residual_"):
-        secs = sum(v[kn]["seconds"] for v in kernels.values())
-        moved = total_w * (2 if kn == "residual_" else 1)
-        out[f"{kn}_model_gbs"] = moved / secs
-    save()
-    del weights, decs, groups
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+        # ---- pass bandwidth on each same-shape group (weights now hold residuals; values do not matter)
+        groups = {}
+        for name, w in weights.items():
+            groups.setdefault(tuple(w.shape), []).append(w)
+        kernels = {}
+        for shape, ws in groups.items():
+            b, (m, n) = len(ws), shape
+            wbytes = b * m * n * ws[0].element_size()
+            k = r  # the width Krylov passes use at niter >= 3 (no oversampling)
+            V = torch.randn(b, n, k, device=device, dtype=torch.float32)
+            Y = torch.randn(b, m, k, device=device, dtype=torch.float32)
+            Bf = torch.randn(b, m, r, device=device, dtype=torch.float32) * 1e-4
+            Af = torch.randn(b, r, n, device=device, dtype=torch.float32) * 1e-4
+            row = {"matrices": b, "shape": list(shape), "w_gb": wbytes / 1e9}
+            for kname, fn, moved in (("gram", lambda: ops.gram(ws, V), wbytes),
+                                     ("wx", lambda: ops.wx(ws, V), wbytes),
+                                     ("wtx", lambda: ops.wtx(ws, Y), wbytes),
+                                     ("residual_", lambda: ops.residual_(ws, Bf, Af), 2 * wbytes)):
+                sec = median_time(fn, device, args.reps)
+                row[kname] = {"seconds": sec, "gbs": moved / sec / 1e9, "of_copy": moved / sec / 1e9 / copy_gbs}
+            row["gram_vs_wx_wtx"] = (row["wx"]["seconds"] + row["wtx"]["seconds"]) / row["gram"]["seconds"]
+            kernels["x".join(map(str, shape))] = row
+            print(f"group {b:3d} x {m}x{n}: " + "  ".join(
+                f"{kn} {row[kn]['gbs']:.0f} GB/s ({100 * row[kn]['of_copy']:.0f}% of copy)"
+                for kn in ("gram", "wx", "wtx", "residual_"))
+                + f"  gram saves {row['gram_vs_wx_wtx']:.2f}x over wx+wtx", flush=True)
+            del V, Y, Bf, Af
+        out["kernels"] = kernels
+        total_w = sum(v["w_gb"] for v in kernels.values())
+        for kn in ("gram", "wx", "wtx", "residual_"):
+            secs = sum(v[kn]["seconds"] for v in kernels.values())
+            moved = total_w * (2 if kn == "residual_" else 1)
+            out[f"{kn}_model_gbs"] = moved / secs
+            out[f"{kn}_of_copy"] = moved / secs / copy_gbs
+        save()
+        del weights, decs, groups
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
-    # ---- the peft path (svd_lowrank), layer by layer, on fresh weights of the same shapes
+        # ---- error against the exact SVD on samples (originals kept before the in-place run)
+        errors, exacts = {}, {}
+        keys = ["square", "tall"] if args.baselines else ["square"]
+        for key in keys:
+            elapsed = time.time() - t_begin
+            if elapsed > args.budget_s * (0.45 if key == "tall" else 0.6):  # a float64 SVD of the sample
+                print(f"error sample {key}: skipped ({elapsed:.0f}s spent of {args.budget_s:.0f}s)", flush=True)
+                continue
+            w = originals[key]
+            exacts[key] = pf.exact_factors(w)
+            mine = pf.decompose(w.clone(), r=r, niter=niter)
+            e = pf.error_vs_exact(w, mine, exact=exacts[key]).as_dict()
+            errors[key] = {"matrix": samples[key], "shape": list(w.shape), "pissa_fast": e}
+            print(f"error vs exact SVD, {samples[key]} {tuple(w.shape)}: pissa_fast ({impl}) L1 {e['l1']:.3e} "
+                  f"(excess {e['excess']:.2e})", flush=True)
+            out["errors"] = errors
+            save()
+    if args.baselines:
+        doc["baselines"] = baselines(args, device, dtype, layers, hidden, inter, shapes, originals, exacts,
+                                     samples, t_begin, save)
+        save()
+    print(f"gpu_bench ({impl}) done in {time.time() - t_begin:.0f}s", flush=True)
+    return 0
+
+
+def baselines(args, device, dtype, layers, hidden, inter, shapes, originals, exacts, samples, t_begin, save):
+    """The peft path and torch.linalg.svd on the same GPU, and the peft path's error on the samples."""
+    r, niter = args.r, args.niter
+    res = {}
     gen = torch.Generator(device=device).manual_seed(args.seed + 1)
     layer_shapes = [(m, n) for name, (m, n) in shapes.items() if name.startswith("layers.0.")]
     w0 = {s: make_weight(*s, dtype, device, gen) for s in set(layer_shapes)}
     peft_pissa_lowrank(w0[layer_shapes[0]], r, niter)  # warm-up (cuSOLVER / cuBLAS handles)
+    del w0
     sync(device)
     done, spent = 0, 0.0
     peft_budget = min(args.peft_budget_s, 0.25 * args.budget_s)
@@ -263,18 +321,16 @@ def main(argv=None):
         sync(device)
         with Timer(device) as t:
             for w in ws:
-                res = peft_pissa_lowrank(w, r, niter)
-                w.copy_(res.residual)
+                out = peft_pissa_lowrank(w, r, niter)
+                w.copy_(out.residual)
         spent += t.seconds
         done += 1
-        del ws, res
+        del ws, out
     peft_s = spent * layers / done
     print(f"peft svd_lowrank path: {peft_s:.2f}s for {layers} layers"
           + ("" if done == layers else f" (extrapolated from {done})"), flush=True)
-    out["peft_lowrank"] = {"seconds": peft_s, "layers_timed": done}
-    save()
+    res["peft_lowrank"] = {"seconds": peft_s, "layers_timed": done}
 
-    # ---- torch.linalg.svd (peft "pissa"), one matrix of each shape, extrapolated
     per_shape = {}
     peft_pissa_exact(make_weight(256, 256, dtype, device, gen), r)  # warm-up
     for key, (m, n) in (("square", (hidden, hidden)), ("tall", (inter, hidden))):
@@ -287,54 +343,20 @@ def main(argv=None):
     counts = {"square": 0, "tall": 0}
     for m, n in shapes.values():
         counts["square" if m == n else "tall"] += 1  # down_proj (n > m) costs about what its transpose does
-    peft_exact_s = sum(per_shape[k] * counts[k] for k in counts)
+    exact_s = sum(per_shape[k] * counts[k] for k in counts)
     print(f"torch.linalg.svd path: {per_shape['square']:.2f}s per {hidden}x{hidden}, "
-          f"{per_shape['tall']:.2f}s per {inter}x{hidden} -> {peft_exact_s:.1f}s for the model (extrapolated)",
-          flush=True)
-    out["linalg_svd"] = {"seconds_per_matrix": per_shape, "model_seconds_extrapolated": peft_exact_s}
-    save()
+          f"{per_shape['tall']:.2f}s per {inter}x{hidden} -> {exact_s:.1f}s for the model (extrapolated)", flush=True)
+    res["linalg_svd"] = {"seconds_per_matrix": per_shape, "model_seconds_extrapolated": exact_s}
 
-    # ---- error against the exact SVD on samples (originals kept before the in-place run)
     errors = {}
-    for key, name in samples.items():
-        elapsed = time.time() - t_begin
-        if elapsed > args.budget_s * (0.6 if key == "tall" else 0.75):  # a float64 SVD of the sample
-            print(f"error sample {key}: skipped ({elapsed:.0f}s spent of {args.budget_s:.0f}s)", flush=True)
-            continue
+    for key, exact in exacts.items():
         w = originals[key]
-        exact = pf.exact_factors(w)
-        mine = pf.decompose(w.clone(), r=r, niter=niter)
-        peft = peft_pissa_lowrank(w, r, niter)
-        e_mine = pf.error_vs_exact(w, mine, exact=exact).as_dict()
-        e_peft = pf.error_vs_exact(w, peft, exact=exact).as_dict()
-        errors[key] = {"matrix": name, "shape": list(w.shape), "pissa_fast": e_mine, "peft_lowrank": e_peft}
-        print(f"error vs exact SVD, {name} {tuple(w.shape)}: pissa_fast L1 {e_mine['l1']:.3e} "
-              f"(excess {e_mine['excess']:.2e}), peft svd_lowrank L1 {e_peft['l1']:.3e} "
-              f"(excess {e_peft['excess']:.2e})", flush=True)
-        del exact
-        out["errors"] = errors
-        save()
-    out["errors"] = errors
-
-    # ---- summary (last lines)
-    lines = [
-        "", "== gpu_bench summary ==",
-        f"device       {env.get('gpu', env['device'])}   model {layers}x(4 {hidden}x{hidden}, 3 {inter}x{hidden}) bf16, "
-        f"r={r}, niter={niter}",
-        f"pissa_fast   {pf_s:9.3f} s  (in place, {passes} fused passes + residual)",
-        f"peft lowrank {peft_s:9.3f} s  ({peft_s / pf_s:.1f}x pissa_fast's time)",
-        f"linalg.svd   {peft_exact_s:9.1f} s  (extrapolated, {peft_exact_s / pf_s:.0f}x pissa_fast's time)",
-        f"copy         {copy_gbs:9.0f} GB/s (read+write)",
-    ]
-    for kn in ("gram", "residual_"):
-        lines.append(f"{kn:12s} {out[f'{kn}_model_gbs']:9.0f} GB/s over the model "
-                     f"({100 * out[f'{kn}_model_gbs'] / copy_gbs:.0f}% of copy)")
-    for key, e in errors.items():
-        lines.append(f"L1 {key:9s} pissa_fast {e['pissa_fast']['l1']:.2e}  peft {e['peft_lowrank']['l1']:.2e}")
-    print("\n".join(lines), flush=True)
-    out["summary"] = lines[2:]
-    save()
-    return 0
+        e = pf.error_vs_exact(w, peft_pissa_lowrank(w, r, niter), exact=exact).as_dict()
+        errors[key] = {"matrix": samples[key], "shape": list(w.shape), "peft_lowrank": e}
+        print(f"error vs exact SVD, {samples[key]}: peft svd_lowrank L1 {e['l1']:.3e} (excess {e['excess']:.2e})",
+              flush=True)
+    res["errors"] = errors
+    return res
 
 
 if __name__ == "__main__":

@@ -50,4 +50,24 @@ inline void check_factor(const char* op, const char* name, const at::Tensor& t, 
   PF_CHECK(t.is_contiguous(), op, name, " must be contiguous, got strides ", t.strides());
 }
 
+// Arguments of a pass over W: X is [b, inner, k] (inner = n for wx/gram, m for wtx).
+inline void check_pass_args(const char* op, at::TensorList W, const at::Tensor& X, bool transposed) {
+  check_weight_list(op, W);
+  const auto& w0 = W[0];
+  const int64_t inner = transposed ? w0.size(0) : w0.size(1);
+  PF_CHECK(X.dim() == 3, op, "the second argument must be 3-D [", W.size(), ", ", inner, ", k], got ",
+           X.sizes());
+  check_factor(op, "the second argument", X, int64_t(W.size()), inner, X.size(2), w0);
+}
+
+// Arguments of residual(_): B [b, m, r], A [b, r, n].
+inline void check_residual_args(const char* op, at::TensorList W, const at::Tensor& B, const at::Tensor& A) {
+  check_weight_list(op, W);
+  const auto& w0 = W[0];
+  const int64_t b = W.size(), m = w0.size(0), n = w0.size(1);
+  PF_CHECK(B.dim() == 3, op, "B must be 3-D [", b, ", ", m, ", r], got ", B.sizes());
+  check_factor(op, "B", B, b, m, B.size(2), w0);
+  check_factor(op, "A", A, b, B.size(2), n, w0);
+}
+
 }  // namespace pissa_fast

@@ -46,9 +46,30 @@ TORCH_LIBRARY(pissa_fast, m) {
   // The PiSSA factors of every W[i]: A [b, r, n] = sqrt(S) V^T, B [b, m, r] = U sqrt(S), S [b, r].
   // method: "krylov" | "subspace" | "halko" | "exact"; normalizer: "qr" | "cholqr2".
   // omega [b, n, l] is the random test matrix (l = r + oversampling), drawn by the caller.
+  // niter is a cap when a stopping criterion is given (krylov): a matrix stops at the first niter
+  // whose estimated l1_rel error is <= tol (if tol > 0) and <= the error predicted for
+  // torch.svd_lowrank(q = rank, niter = like_svd_lowrank) (if >= 0). niter_used [b] (int64; -1 for
+  // the exact SVD) and estimate [b] (the estimated l1_rel; -1 where none was made; made when
+  // stopping or when `estimate` is set, krylov only) say what each matrix got.
   m.def(
-      "pissa_factors(Tensor[] W, Tensor omega, int rank, int niter, str method, str normalizer)"
-      " -> (Tensor A, Tensor B, Tensor S)");
+      "pissa_factors(Tensor[] W, Tensor omega, int rank, int niter, str method, str normalizer,"
+      " float tol=0., int like_svd_lowrank=-1, bool estimate=False)"
+      " -> (Tensor A, Tensor B, Tensor S, Tensor niter_used, Tensor estimate)");
+
+  // The ATen/cuBLAS implementation of the five passes above (csrc/passes_aten.h), by name, on CPU
+  // and CUDA whatever the switch below says: for tests and benchmarks.
+  m.def("wx_aten(Tensor[] W, Tensor X) -> Tensor");
+  m.def("wtx_aten(Tensor[] W, Tensor Y) -> Tensor");
+  m.def("gram_aten(Tensor[] W, Tensor V) -> (Tensor, Tensor)");
+  m.def("residual_aten_(Tensor(a!)[] W, Tensor B, Tensor A) -> ()");
+  m.def("residual_aten(Tensor[] W, Tensor B, Tensor A) -> Tensor[]");
+  // Which implementation wx/wtx/gram/residual(_) run on CUDA tensors (csrc/cuda_passes.h):
+  // impl "aten" | "kernels" | "default"; get returns (setting, what a call on `device` runs now).
+  m.def("set_cuda_passes(str impl) -> ()");
+  m.def("get_cuda_passes(int device=-1) -> (str, str)");
+  // Test hooks: the row-block size and the code path of the CPU registration of the *_aten ops.
+  m.def("_set_aten_cpu_config(int block_bytes, bool native) -> ()");
+  m.def("_get_aten_cpu_config() -> (int, bool)");
 }
 
 }  // namespace pissa_fast

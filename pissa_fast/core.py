@@ -1,6 +1,7 @@
 """Public API: decompose one weight, or many at once, into PiSSA factors and residual."""
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -10,10 +11,15 @@ import torch
 
 from ._ops import ops
 from .memory import prepare_inplace
+from .options import WEIGHT_DTYPES
 
 METHODS = ("krylov", "subspace", "halko", "exact")
+# With tol, the true l1_rel error is at most ESTIMATE_SLACK * tol: the estimate measured at or above
+# the true error, or below it by at most 1.4x on synthetic spectra and 2.2x on one of 42 real
+# SmolLM2-135M cases (tests/test_tol.py, benchmarks/RESULTS.md), above the float32 noise floor of
+# about 1e-5.
+ESTIMATE_SLACK = 3.0
 NORMALIZERS = ("qr", "cholqr2")
-WEIGHT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 @dataclass
@@ -31,6 +37,14 @@ class Decomposition:
     residual: torch.Tensor
     method: str
     niter: int | None
+    niter_used: int | None = None
+    estimate: float = math.nan
+
+    # niter: the niter asked for (the cap when a stopping criterion was given); niter_used: the
+    # number of W^T W applications this weight actually got (None for the exact SVD); estimate: the
+    # a-posteriori estimate of its l1_rel error against the exact SVD (see ErrorReport.l1_rel), NaN
+    # where none was made (it is made with tol / like_svd_lowrank / estimate=True, method krylov,
+    # niter >= 1), 0 for the exact SVD.
 
     @property
     def rank(self) -> int:
@@ -47,12 +61,25 @@ def default_oversample(r: int, niter: int | None, method: str = "krylov") -> int
     if niter is None or method == "exact":
         return 0
     if method == "krylov":
-        return max(8, r // 2) if niter <= 2 else 0
+        # At least 8 columns per block: a pass over W costs about the same for 4 columns as for 8
+        # (it is bound by reading W), so a block of 4 would waste half of each read.
+        return max(8, r // 2) if niter <= 2 else max(0, 8 - r)
     return r
 
 
 def _name(key) -> str:
     return "weight" if key is None else f"weights[{key!r}]"
+
+
+def _check_stop(tol, like_svd_lowrank, niter, method):
+    if tol is not None:
+        if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not (math.isfinite(tol) and tol > 0):
+            raise ValueError(f"tol must be a number > 0 (or None), got {tol!r}")
+    if like_svd_lowrank is not None and (isinstance(like_svd_lowrank, bool) or
+                                         not isinstance(like_svd_lowrank, numbers.Integral) or like_svd_lowrank < 0):
+        raise ValueError(f"like_svd_lowrank must be an int >= 0 (or None), got {like_svd_lowrank!r}")
+    if (tol is not None or like_svd_lowrank is not None) and niter is not None and method not in (None, "krylov"):
+        raise ValueError(f"tol and like_svd_lowrank need method 'krylov' (the default), got method={method!r}")
 
 
 def _check_args(r, niter, method, oversample, normalizer, seed, generator):
@@ -120,57 +147,113 @@ def _draw(gen, n, l, dtype, device):
 
 
 def _batch_bytes(mat, l, niter, method) -> int:
-    # float64 small factors kept by the Krylov loop: Q, Y, Z ([n|m] x l per pass) and temporaries.
+    """Memory one more matrix adds to a group call, at its peak: an upper estimate.
+
+    pissa_factors keeps the float64 basis Q and its images W Q, W^T W Q for every Krylov block
+    (8 width (2n + m) bytes; counted as 8 width 3 (m + n) for the orthonormalization's temporaries), and
+    each pass adds its float32 outputs with their float64 copies and, for the ATen passes, the hi/lo
+    parts of the test vectors and partial sums: under 64 l (m + n) bytes. The factors A, B, S and the
+    residual's split parts (3r wide, r <= l) fit in the same allowance.
+    """
     m, n = mat.shape
     width = l * ((niter or 0) + 1 if method == "krylov" else 2)
-    return 8 * width * 3 * (m + n)
+    return 8 * width * 3 * (m + n) + 64 * l * (m + n)
 
 
 def _default_budget(device) -> int:
+    """Bytes a group call may use. CUDA: what the device and the caching allocator have free, less a
+    reserve for cuBLAS/cuSOLVER workspaces and fragmentation (a tenth of the device, at least 1 GiB), so
+    that same-shape weights go in as few calls as memory allows (a LLaMA-2-7B at r 16 needs ~3 GiB
+    for its 128 square matrices). CPU: 0, one matrix per call; the CPU kernels loop over a group
+    anyway, so batching buys nothing there and one matrix's factors is the smallest working set."""
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return max(256 << 20, min(4 << 30, free // 4))
-    return 0  # CPU: one matrix at a time; the CPU kernels loop over a group anyway, so batching buys nothing
+        free, total = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        reserve = max(1 << 30, total // 10)
+        return max(256 << 20, free + cached - reserve)
+    return 0
 
 
+def _split_group(idxs: list[int], per: int, budget: int) -> list[list[int]]:
+    """Chunks of a same-shape group: as few as the budget allows, of balanced sizes (128 matrices with
+    room for 100 go as 64 + 64, not 100 + 28: the same number of calls, a lower peak)."""
+    most = max(1, min(len(idxs), budget // max(1, per)))
+    calls = -(-len(idxs) // most)
+    q, extra = divmod(len(idxs), calls)  # the first `extra` chunks take one more
+    bounds = [0]
+    for c in range(calls):
+        bounds.append(bounds[-1] + q + (c < extra))
+    return [idxs[a:b] for a, b in zip(bounds, bounds[1:])]
 
-def decompose(weight: torch.Tensor, r: int, niter: int | None = 4, *, inplace: bool = False,
-              method: str | None = None, oversample: int | None = None, normalizer: str = "qr",
-              seed: int = 0, generator: torch.Generator | None = None) -> Decomposition:
+
+def decompose(weight: torch.Tensor, r: int, niter: int | None = 4, *, tol: float | None = None,
+              like_svd_lowrank: int | None = None, inplace: bool = False, method: str | None = None,
+              oversample: int | None = None, normalizer: str = "cholqr2", seed: int = 0,
+              generator: torch.Generator | None = None, estimate: bool | None = None) -> Decomposition:
     """PiSSA-decompose one weight W (out x in): W = B A + residual, B A its best rank-r approximation.
 
     niter: applications of W^T W, as in torch.svd_lowrank (None: exact torch.linalg.svd).
         The default method reads W niter + 1 times (torch.svd_lowrank: 2 niter + 2), plus once for
-        the residual.
+        the residual. With tol or like_svd_lowrank, niter is the most it may use.
+    tol: stop at the first niter >= 1 whose a-posteriori estimate of the l1_rel error
+        (pissa_fast.error_vs_exact(W, out).l1_rel: the paper's L1 error over the mean magnitude of
+        the exact factors' entries) is <= tol. The estimate comes from the change of the Ritz vectors
+        between the last passes (no extra read of W); measured on fast- and slow-decay spectra and on
+        real weights it is above the true l1_rel or at most 2.2x below it, so the true l1_rel is
+        <= ESTIMATE_SLACK * tol = 3 tol. It cannot go below the float32 passes' noise, about 1e-5:
+        a smaller tol runs to the niter cap. Method krylov only.
+    like_svd_lowrank: N >= 0: stop at the first niter whose estimate is at most the error that
+        torch.svd_lowrank(W, q=r, niter=N) (peft's pissa_niter_N) is predicted to make on this
+        weight, from its own Ritz values (see svd_lowrank_equivalent).
     inplace: write the residual into weight's own storage (no full-size buffer at all).
     method: "krylov" (default), "subspace", "halko" (svd_lowrank's algorithm) or "exact".
     oversample: sketch columns beyond r (default: default_oversample(r, niter, method)).
-    normalizer: "qr" (Householder) or "cholqr2" between passes.
+    normalizer: "cholqr2" (default: CholeskyQR2 with a shifted fallback, only factorizing l x l Gram
+        matrices) or "qr" (Householder on the tall blocks) between passes.
     seed / generator: the random test matrix; the same inputs and seed give bitwise-identical results
         on CPU for a given number of threads.
+    estimate: also make the estimate when not stopping early (default: only with tol /
+        like_svd_lowrank; it costs two more small Rayleigh-Ritz steps).
+
+    The result's niter_used and estimate say what this weight got.
     """
-    return decompose_many([weight], r, niter, inplace=inplace, method=method, oversample=oversample,
-                          normalizer=normalizer, seed=seed, generator=generator, _single=True)[0]
+    return decompose_many([weight], r, niter, tol=tol, like_svd_lowrank=like_svd_lowrank, inplace=inplace,
+                          method=method, oversample=oversample, normalizer=normalizer, seed=seed,
+                          generator=generator, estimate=estimate, _single=True)[0]
 
 
 @torch.no_grad()
 def decompose_many(weights: Mapping[Any, torch.Tensor] | Sequence[torch.Tensor], r: int,
-                   niter: int | None = 4, *, inplace: bool = False, method: str | None = None,
-                   oversample: int | None = None, normalizer: str = "qr", seed: int = 0,
-                   generator: torch.Generator | None = None, max_batch_bytes: int | None = None,
-                   progress: bool = False, _single: bool = False):
+                   niter: int | None = 4, *, tol: float | None = None, like_svd_lowrank: int | None = None,
+                   inplace: bool = False, method: str | None = None,
+                   oversample: int | None = None, normalizer: str = "cholqr2", seed: int = 0,
+                   generator: torch.Generator | None = None, estimate: bool | None = None,
+                   max_batch_bytes: int | None = None, progress: bool = False, _single: bool = False):
     """decompose() for many weights at once: a dict name -> tensor (returns a dict) or a list
-    (returns a list), any mix of shapes, dtypes and devices.
+    (returns a list), any mix of shapes, dtypes and devices. tol / like_svd_lowrank apply per
+    weight: each stops at its own niter (reported as its niter_used).
 
     Weights sharing (shape, dtype, device) form a group whose passes run as one op call over all of
     its matrices (one kernel launch per pass on CUDA), each read where it lives: nothing is stacked
-    but the small factors, and a group whose small factors would exceed max_batch_bytes (default:
-    a quarter of free memory up to 4 GiB on CUDA; 0 on CPU, i.e. one matrix per call, which keeps
-    the working set to one matrix's factors) is split. Each weight gets a test
+    but the small factors, and a group whose small factors would exceed max_batch_bytes (default on
+    CUDA: the free device memory less a reserve, so a model's same-shape weights go in as few calls as
+    memory allows; 0 on CPU, i.e. one matrix per call, which keeps the working set to one matrix's
+    factors) is split into balanced chunks. Each weight gets a test
     matrix drawn from `seed` exactly as decompose() would, so results match per-weight calls.
     Every weight is validated, and every factor computed, before any residual is written.
     """
     _check_args(r, niter, method, oversample, normalizer, seed, generator)
+    _check_stop(tol, like_svd_lowrank, niter, method)
+    # --- sharded weights (issue 11): DTensor / ZeRO-3 calls go to pissa_fast.distributed ---
+    from .distributed import hook as _sharded
+    if _sharded.wants(weights):
+        if tol is not None or like_svd_lowrank is not None or estimate:
+            raise ValueError("tol, like_svd_lowrank and estimate are not supported for sharded weights yet; "
+                             "pass a fixed niter")
+        return _sharded.decompose_many(weights, r, niter, inplace=inplace, method=method, oversample=oversample,
+                                       normalizer=normalizer, seed=seed, generator=generator, progress=progress,
+                                       _single=_single)
+    # --- end of the sharded-weights hook ---
     is_map = isinstance(weights, Mapping)
     if not is_map and not isinstance(weights, Sequence):
         raise TypeError(f"weights must be a dict or a list of tensors, got {type(weights).__name__}")
@@ -215,9 +298,7 @@ def decompose_many(weights: Mapping[Any, torch.Tensor] | Sequence[torch.Tensor],
     chunks = []
     for (shape, dtype, device, l), idxs in groups.items():
         budget = max_batch_bytes if max_batch_bytes is not None else _default_budget(device)
-        per = max(1, _batch_bytes(plans[idxs[0]]["mat"], l, nit, meth))
-        size = max(1, min(len(idxs), budget // per))
-        chunks += [idxs[i:i + size] for i in range(0, len(idxs), size)]
+        chunks += _split_group(idxs, _batch_bytes(plans[idxs[0]]["mat"], l, nit, meth), budget)
 
     bar = None
     if progress:
@@ -229,14 +310,17 @@ def decompose_many(weights: Mapping[Any, torch.Tensor] | Sequence[torch.Tensor],
         mats = [plans[i]["mat"] for i in chunk]
         omega = torch.stack([plans[i]["omega"] for i in chunk])
         try:
-            A, B, S = ops.pissa_factors(mats, omega, r, nit, meth, normalizer)
+            A, B, S, used, est = ops.pissa_factors(mats, omega, r, nit, meth, normalizer, float(tol or 0.0),
+                                                   -1 if like_svd_lowrank is None else int(like_svd_lowrank),
+                                                   bool(estimate))
         except ValueError as e:
             msg = str(e)
             for j, i in enumerate(chunk):
                 msg = msg.replace(f"W[{j}]", _name(None if _single else plans[i]["key"]))
             raise ValueError(msg.splitlines()[0]) from None
+        used, est = used.tolist(), est.tolist()  # one transfer per chunk
         for j, i in enumerate(chunk):
-            factors[i] = (A[j], B[j], S[j])
+            factors[i] = (A[j], B[j], S[j], None if used[j] < 0 else used[j], math.nan if est[j] < 0 else est[j])
         if bar is not None:
             bar.update(len(chunk))
     if bar is not None:
@@ -255,7 +339,7 @@ def decompose_many(weights: Mapping[Any, torch.Tensor] | Sequence[torch.Tensor],
             res = ops.residual(mats, B, A)
         for j, i in enumerate(chunk):
             pl = plans[i]
-            a, b, s = factors[i]
+            a, b, s, used_i, est_i = factors[i]
             rj = res[j]
             if pl["transposed"]:  # W^T = B' A'  =>  W = A'^T B'^T
                 a, b, rj = b.t().contiguous(), a.t().contiguous(), rj.t()
@@ -264,7 +348,8 @@ def decompose_many(weights: Mapping[Any, torch.Tensor] | Sequence[torch.Tensor],
                 rj = pl["w"]
             elif inplace and not pl["transposed"]:
                 rj = pl["w"]
-            results[i] = Decomposition(A=a, B=b, S=s, residual=rj, method=meth, niter=niter)
+            results[i] = Decomposition(A=a, B=b, S=s, residual=rj, method=meth, niter=niter, niter_used=used_i,
+                                       estimate=est_i)
     if is_map:
         return {pl["key"]: res for pl, res in zip(plans, results)}
     return results

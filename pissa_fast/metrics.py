@@ -12,6 +12,10 @@ approximation):
   (0 for the exact factors). The denominator is floored at 2^-24 ||W||_F (float32's rounding of W),
   so a W of rank <= r gives a finite number: the residual's size in units of that rounding.
 - sv_rel: max_i |S_i - S*_i| / S*_1, the error of the singular value estimates.
+- l1_rel: l1 over the mean magnitude of the exact factors' entries, (mean |A*| + mean |B*|) / 2:
+  l1 without the weight's scale. For delocalized singular vectors it is about the sqrt(S*)-weighted
+  mean of ||v_j - v*_j|| and ||u_j - u*_j||, which is what Decomposition.estimate estimates and what
+  `tol` bounds.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ class ErrorReport:
     rel_recon: float
     excess: float
     sv_rel: float
+    l1_rel: float = float("nan")
 
     def as_dict(self):
         return asdict(self)
@@ -67,4 +72,6 @@ def error_vs_exact(weight: torch.Tensor, out, exact=None) -> ErrorReport:
     excess = float((got - best) / max(float(best), floor)) if max(float(best), floor) > 0 else 0.0
     sv = float((out.S.detach().to(W.device, torch.float64) - S).abs().max() / S[0]) if S[0] > 0 else \
         float(out.S.detach().abs().max())
-    return ErrorReport(l1=float(l1), rel_recon=float(rel), excess=excess, sv_rel=sv)
+    scale = 0.5 * (A_ref.abs().mean() + B_ref.abs().mean())
+    l1_rel = float(l1 / scale) if scale > 0 else float(l1)
+    return ErrorReport(l1=float(l1), rel_recon=float(rel), excess=excess, sv_rel=sv, l1_rel=l1_rel)

@@ -72,3 +72,30 @@ def progress_enabled() -> bool:
     if os.environ.get("PISSA_FAST_PROGRESS", "1").strip().lower() in off:
         return False
     return os.environ.get("TQDM_DISABLE", "").strip().lower() in ("", *off)
+
+
+# Byte-size units accepted in text (CLI flags such as --max-memory): SI and binary prefixes.
+SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000 ** 2, "mb": 1000 ** 2, "g": 1000 ** 3,
+              "gb": 1000 ** 3, "t": 1000 ** 4, "tb": 1000 ** 4, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30,
+              "tib": 1 << 40}
+
+
+def parse_size(text) -> int:
+    """A byte count > 0 from an int or text such as 2GiB, 512MB, 1e9. Raises ValueError with examples."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        import re
+
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+        if not m or m.group(2).lower() not in SIZE_UNITS:
+            raise ValueError(f"not a size: {text!r} (e.g. 2GiB, 512MB, 1000000)")
+        value = int(float(m.group(1)) * SIZE_UNITS[m.group(2).lower()])
+    if value <= 0:
+        raise ValueError(f"a size must be > 0 bytes, got {text!r}")
+    return value
+
+
+def format_bytes(n: float) -> str:
+    """Bytes for people: MiB below a quarter GiB, GiB above."""
+    return f"{n / (1 << 30):.2f} GiB" if n >= (1 << 28) else f"{n / (1 << 20):.1f} MiB"

@@ -103,6 +103,33 @@ def test_numbers_match_direct_calls(run, threads):
         assert m["excess"] == pytest.approx(err.excess, rel=1e-5, abs=1e-9), m
 
 
+def test_matched_accuracy_headline(run):
+    out, res = run
+    cells = {(m["method"], m["niter"], m["r"]): m for m in res["matched"]}
+    assert set(cells) == {(meth, N, r) for meth in ("peft", "pissa_fast_matched") for N in (4, 16) for r in (2, 8)}
+    for N in (4, 16):
+        for r in (2, 8):
+            ours, peft = cells[("pissa_fast_matched", N, r)], cells[("peft", N, r)]
+            # the promise svd_lowrank_equivalent makes, above float32's noise floor (both converged)
+            assert ours["l1"] <= peft["l1"] or ours["l1_rel"] <= 1e-5, (N, r, ours, peft)
+            kw = pissa_fast.svd_lowrank_equivalent(N, r)
+            W = wl.synthetic_weight(96, 64, res["matrices"][0]["seed"], spectrum="llm", decay=0.35, dtype=torch.float32)
+            direct = pissa_fast.decompose(W, r, seed=SEED, **kw)
+            assert ours["niter_used"] == direct.niter_used
+            assert ours["l1"] == pytest.approx(pissa_fast.error_vs_exact(W, direct).l1, rel=1e-6)
+    md = (out / "report.md").read_text()
+    assert "## Headline: matched accuracy" in md and "pissa_niter_16, r=8" in md
+    assert "l1_rel of pissa_fast: true / its estimate" in md
+
+
+def test_estimate_beside_true_error(run):
+    _, res = run
+    for m in res["measurements"]:
+        if m["method"] == "pissa_fast" and m["niter"] != "inf":
+            assert isinstance(m["estimate"], float) and m["estimate"] >= 0, m
+            assert m["l1_rel"] <= pissa_fast.ESTIMATE_SLACK * m["estimate"] + 1e-5, m
+
+
 def test_pissa_fast_beats_peft_at_equal_niter(run):
     # Not a benchmark claim, a sanity check of which column is which: at niter 3 the default method
     # (block Krylov) is far more accurate than svd_lowrank with q = r.
@@ -186,6 +213,8 @@ NO_CUDA = "CUDA is not available"
 @pytest.mark.parametrize("extra, message", [
     (["--niter", "1,x"], "'x' is not a niter"),
     (["--niter", "-1"], "niter must be >= 0"),
+    (["--match", "4,x"], "'x' is not a peft niter"),
+    (["--match", "inf"], "--match takes finite niters"),
     (["--ranks", "0"], "ranks must be >= 1"),
     (["--ranks", "4,b"], "'b' is not a rank"),
     (["--shape", "4096"], "not a shape"),

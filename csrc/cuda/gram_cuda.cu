@@ -1,6 +1,7 @@
 // CUDA kernels for the passes that read the full weights: pissa_fast::wx (W @ X), ::wtx (W^T @ Y)
 // and ::gram ((W @ V, W^T (W @ V)) with each element of W read once from global memory).
 //
+// These are the kernels behind the switch of csrc/cuda_passes.h (passes_cuda.cpp registers the ops).
 // One launch per call covers the whole list: the kernel gets a device table of the weights'
 // addresses and row strides (weights are never stacked or copied) and reads each W in its own dtype,
 // accumulating in float32 (float64 for double). The algorithm -- resident W tiles in shared memory,
@@ -17,18 +18,12 @@
 
 #include "../checks.h"
 #include "gram_kernels.cuh"
+#include "kernels.h"
 
 namespace pissa_fast {
 namespace {
 
 using cuda::PassPlan;
-
-void check_skinny(const char* op, at::TensorList W, const at::Tensor& X, int64_t inner) {
-  check_weight_list(op, W);
-  const auto& w0 = W[0];
-  PF_CHECK(X.dim() == 3, op, "the second argument must be 3-D [b, ", inner, ", k], got ", X.sizes());
-  check_factor(op, "the second argument", X, int64_t(W.size()), inner, X.size(2), w0);
-}
 
 // Device table [2b]: W[j]'s address, then its row stride in elements. *vec: every W[j] allows 16-byte
 // loads (address and row stride multiples of 16 bytes).
@@ -149,8 +144,12 @@ void run_pass(const char* op, at::TensorList W, const at::Tensor& V, const at::T
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-at::Tensor wx_cuda(at::TensorList W, const at::Tensor& X) {
-  check_skinny("wx", W, X, W.empty() ? 0 : W[0].size(1));
+}  // namespace
+
+namespace cuda_kernels {
+
+at::Tensor wx(at::TensorList W, const at::Tensor& X) {
+  check_pass_args("wx", W, X, /*transposed=*/false);
   const c10::cuda::CUDAGuard guard(W[0].device());
   const int64_t b = W.size(), m = W[0].size(0), n = W[0].size(1), k = X.size(2);
   if (m == 0 || n == 0 || k == 0) return at::zeros({b, m, k}, X.options());
@@ -161,8 +160,8 @@ at::Tensor wx_cuda(at::TensorList W, const at::Tensor& X) {
   return Y;
 }
 
-at::Tensor wtx_cuda(at::TensorList W, const at::Tensor& Y) {
-  check_skinny("wtx", W, Y, W.empty() ? 0 : W[0].size(0));
+at::Tensor wtx(at::TensorList W, const at::Tensor& Y) {
+  check_pass_args("wtx", W, Y, /*transposed=*/true);
   const c10::cuda::CUDAGuard guard(W[0].device());
   const int64_t b = W.size(), m = W[0].size(0), n = W[0].size(1), k = Y.size(2);
   auto Z = at::zeros({b, n, k}, Y.options());  // phase 2 adds into it
@@ -173,8 +172,8 @@ at::Tensor wtx_cuda(at::TensorList W, const at::Tensor& Y) {
   return Z;
 }
 
-std::tuple<at::Tensor, at::Tensor> gram_cuda(at::TensorList W, const at::Tensor& V) {
-  check_skinny("gram", W, V, W.empty() ? 0 : W[0].size(1));
+std::tuple<at::Tensor, at::Tensor> gram(at::TensorList W, const at::Tensor& V) {
+  check_pass_args("gram", W, V, /*transposed=*/false);
   const c10::cuda::CUDAGuard guard(W[0].device());
   const int64_t b = W.size(), m = W[0].size(0), n = W[0].size(1), k = V.size(2);
   auto Z = at::zeros({b, n, k}, V.options());
@@ -186,12 +185,5 @@ std::tuple<at::Tensor, at::Tensor> gram_cuda(at::TensorList W, const at::Tensor&
   return {Y, Z};
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(pissa_fast, CUDA, m) {
-  m.impl("wx", &wx_cuda);
-  m.impl("wtx", &wtx_cuda);
-  m.impl("gram", &gram_cuda);
-}
-
+}  // namespace cuda_kernels
 }  // namespace pissa_fast

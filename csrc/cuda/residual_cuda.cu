@@ -1,6 +1,7 @@
 // CUDA kernels for the PiSSA residual W - B @ A: pissa_fast::residual_ (in W's own storage) and
 // pissa_fast::residual (new contiguous tensors).
 //
+// The kernels behind the switch of csrc/cuda_passes.h (passes_cuda.cpp registers the ops).
 // One launch covers the whole list (a device table of input and output addresses and row strides).
 // Each weight is read once and written once in its own dtype; B A is accumulated in float32 (float64
 // for double) from B and A tiles staged in shared memory, and W - B A is rounded once to W's dtype,
@@ -16,19 +17,11 @@
 #include <vector>
 
 #include "../checks.h"
+#include "kernels.h"
 #include "residual_kernels.cuh"
 
 namespace pissa_fast {
 namespace {
-
-void check_residual(const char* op, at::TensorList W, const at::Tensor& B, const at::Tensor& A) {
-  check_weight_list(op, W);
-  const auto& w0 = W[0];
-  const int64_t b = W.size(), m = w0.size(0), n = w0.size(1);
-  PF_CHECK(B.dim() == 3, op, "B must be 3-D [", b, ", ", m, ", r], got ", B.sizes());
-  check_factor(op, "B", B, b, m, B.size(2), w0);
-  check_factor(op, "A", A, b, B.size(2), n, w0);
-}
 
 // Device table [4b]: W[j] address, W[j] row stride, out[j] address, out[j] row stride (elements).
 // *vec: all of them allow 4-element vector accesses (8 bytes for 16-bit weights, 16 for float).
@@ -76,16 +69,20 @@ void run_residual(at::TensorList W, at::TensorList out, const at::Tensor& B, con
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void residual_inplace_cuda(at::TensorList W, const at::Tensor& B, const at::Tensor& A) {
-  check_residual("residual_", W, B, A);
+}  // namespace
+
+namespace cuda_kernels {
+
+void residual_(at::TensorList W, const at::Tensor& B, const at::Tensor& A) {
+  check_residual_args("residual_", W, B, A);
   const c10::cuda::CUDAGuard guard(W[0].device());
   if (W[0].numel() == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, W[0].scalar_type(), "residual_",
                                   [&] { run_residual<scalar_t>(W, W, B, A); });
 }
 
-std::vector<at::Tensor> residual_cuda(at::TensorList W, const at::Tensor& B, const at::Tensor& A) {
-  check_residual("residual", W, B, A);
+std::vector<at::Tensor> residual(at::TensorList W, const at::Tensor& B, const at::Tensor& A) {
+  check_residual_args("residual", W, B, A);
   const c10::cuda::CUDAGuard guard(W[0].device());
   std::vector<at::Tensor> out;
   out.reserve(W.size());
@@ -96,11 +93,5 @@ std::vector<at::Tensor> residual_cuda(at::TensorList W, const at::Tensor& B, con
   return out;
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(pissa_fast, CUDA, m) {
-  m.impl("residual_", &residual_inplace_cuda);
-  m.impl("residual", &residual_cuda);
-}
-
+}  // namespace cuda_kernels
 }  // namespace pissa_fast

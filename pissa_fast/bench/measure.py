@@ -1,5 +1,7 @@
 """Timed runs of the two PiSSA initializations `pissa-fast bench` compares.
 
+- pissa_fast_matched: `pissa_fast.decompose(W, r, **pissa_fast.svd_lowrank_equivalent(N, r))`, the
+  accuracy of peft's pissa_niter_N at the least cost (each weight stops on its own estimate).
 - pissa_fast: `pissa_fast.decompose(W, r, niter)` (its default method unless told otherwise), the
   residual written in place into a fresh copy of W made before the clock starts ("inplace"), or
   returned as a new tensor with W left intact ("copy").
@@ -59,23 +61,17 @@ class Runner:
         self.device, self.repeats, self.warmup, self.seed = device, repeats, warmup, seed
         self.residual, self.method, self.oversample = residual, method, oversample
 
-    def _pissa_fast_once(self, W, r, niter):
-        if self.residual == "inplace":
-            Wc = W.clone()
-            sync(self.device)
-            t0 = time.perf_counter()
-            out = pissa_fast.decompose(Wc, r, niter, inplace=True, method=self.method,
-                                       oversample=self.oversample, seed=self.seed)
-            sync(self.device)
-            t = time.perf_counter() - t0
-        else:
-            sync(self.device)
-            t0 = time.perf_counter()
-            out = pissa_fast.decompose(W, r, niter, method=self.method, oversample=self.oversample,
-                                       seed=self.seed)
-            sync(self.device)
-            t = time.perf_counter() - t0
-        return t, SimpleNamespace(A=out.A, B=out.B, S=out.S)
+    def _pissa_fast_once(self, W, r, niter, matched=False):
+        # matched: peft's niter N as an accuracy promise, pissa_fast.svd_lowrank_equivalent(N, r).
+        kw = pissa_fast.svd_lowrank_equivalent(niter, r) if matched else \
+            dict(niter=niter, method=self.method, oversample=self.oversample)
+        Wc = W.clone() if self.residual == "inplace" else W
+        sync(self.device)
+        t0 = time.perf_counter()
+        out = pissa_fast.decompose(Wc, r, inplace=self.residual == "inplace", seed=self.seed, **kw)
+        sync(self.device)
+        t = time.perf_counter() - t0
+        return t, SimpleNamespace(A=out.A, B=out.B, S=out.S, niter_used=out.niter_used, estimate=out.estimate)
 
     def _peft_once(self, W, r, niter):
         torch.manual_seed(self.seed)  # peft draws from the global RNG; seeded for reproducibility
@@ -89,7 +85,8 @@ class Runner:
 
     def run(self, method: str, W: torch.Tensor, r: int, niter: int | None, *, repeats: int | None = None,
             warmup: int | None = None):
-        once = self._pissa_fast_once if method == "pissa_fast" else self._peft_once
+        once = {"pissa_fast": self._pissa_fast_once, "peft": self._peft_once,
+                "pissa_fast_matched": lambda *a: self._pissa_fast_once(*a, matched=True)}[method]
         repeats = self.repeats if repeats is None else repeats
         warmup = self.warmup if warmup is None else warmup
         for _ in range(warmup):

@@ -12,6 +12,7 @@ ERROR_TITLES = {
     "rel_recon": "rel_recon (||BA - W_r||_F / ||W_r||_F)",
     "excess": "excess (||W - BA||_F / ||W - W_r||_F - 1)",
     "sv_rel": "sv_rel (max |S - S*| / S*_1)",
+    "l1_rel": "l1_rel (L1 over the mean |A*|, |B*|)",
 }
 
 
@@ -36,6 +37,8 @@ def aggregate(measurements: list[dict], method: str, key: str, matrix: str | Non
             continue
         if isinstance(v, str):  # "inf" / "nan" from JSON-cleaned values
             v = float(v)
+        if isinstance(v, float) and math.isnan(v):
+            continue
         w = 1 if matrix is not None else m["count"]
         s = acc.setdefault((m["niter"], m["r"]), [0.0, 0])
         s[0] += w * v
@@ -152,3 +155,61 @@ def headline(measurements, niters, ranks) -> list[str]:
             f"as accurate as the peft path's best, niter {n_pe} ({fmt_time(b, scale)} {unit}, L1 {target:.2e}): "
             + (f"{b / a:.3g}x faster" if b >= a else f"{a / b:.3g}x slower"))
     return lines
+
+
+def estimate_table(measurements, niters, ranks, *, markdown=False, matrix=None) -> str:
+    """pissa_fast's true l1_rel beside its own a-posteriori estimate (Decomposition.estimate)."""
+    true = aggregate(measurements, "pissa_fast", "l1_rel", matrix)
+    est = aggregate(measurements, "pissa_fast", "estimate", matrix)
+    vals = {k: f"{fmt_err(v)} / {fmt_err(est.get(k))}" for k, v in true.items() if k[0] != INF}
+    return table("l1_rel of pissa_fast: true / its estimate (the estimate is what tol= bounds)",
+                 [n for n in niters if n != INF], ranks, vals, lambda v: "-" if v is None else v, markdown=markdown)
+
+
+def matched(matched_records, match, ranks) -> dict:
+    """{(N, r): the matched-accuracy comparison} over the measured weights: peft's pissa_niter_N against
+    pissa_fast.svd_lowrank_equivalent(N, r), times summed (count-weighted) and errors averaged."""
+    agg = {(m, k): aggregate(matched_records, m, k) for m in ("peft", "pissa_fast_matched")
+           for k in ("time_s", "l1", "l1_rel", "estimate", "niter_used")}
+    out = {}
+    for N in match:
+        for r in ranks:
+            key = (N, r)
+            if key not in agg[("peft", "time_s")] or key not in agg[("pissa_fast_matched", "time_s")]:
+                continue
+            t_pe, t_pf = agg[("peft", "time_s")][key], agg[("pissa_fast_matched", "time_s")][key]
+            out[key] = dict(t_peft=t_pe, t_pf=t_pf, speedup=t_pe / t_pf if t_pf > 0 else math.inf,
+                            l1_peft=agg[("peft", "l1")][key], l1_pf=agg[("pissa_fast_matched", "l1")][key],
+                            l1_rel=agg[("pissa_fast_matched", "l1_rel")].get(key),
+                            estimate=agg[("pissa_fast_matched", "estimate")].get(key),
+                            niter_used=agg[("pissa_fast_matched", "niter_used")].get(key))
+    return out
+
+
+def matched_headline(matched_records, match, ranks) -> list[str]:
+    """The headline: matched-accuracy speed-up against peft at each N of --match, per rank."""
+    cells = matched(matched_records, match, ranks)
+    if not cells:
+        return []
+    scale, unit = _time_unit([c["t_pf"] for c in cells.values()] + [c["t_peft"] for c in cells.values()])
+    lines = []
+    for (N, r), c in cells.items():
+        ok = c["l1_pf"] <= c["l1_peft"]
+        lines.append(
+            f"peft pissa_niter_{N}, r={r}: pissa_fast "
+            + (f"{c['speedup']:.3g}x faster" if c["speedup"] >= 1 else f"{1 / c['speedup']:.3g}x slower")
+            + " at matched accuracy "
+            f"({fmt_time(c['t_pf'], scale)} vs {fmt_time(c['t_peft'], scale)} {unit}; L1 {c['l1_pf']:.2e} vs "
+            f"{c['l1_peft']:.2e}{'' if ok else ', LESS ACCURATE'}; niter used "
+            f"{'exact SVD' if c['niter_used'] is None else format(c['niter_used'], '.3g')}, "
+            f"l1_rel {fmt_err(c['l1_rel'])}, estimated {fmt_err(c['estimate'])})")
+    return lines
+
+
+def matched_table(matched_records, match, ranks, *, markdown=False) -> str:
+    cells = matched(matched_records, match, ranks)
+    vals = {k: f"{c['speedup']:.3g}x" + ("" if c["l1_pf"] <= c["l1_peft"] else " (less accurate)")
+            for k, c in cells.items()}
+    return table("matched accuracy: speed-up of pissa_fast.svd_lowrank_equivalent(N, r) over peft's "
+                 "pissa_niter_N (rows: N)", list(match), ranks, vals, lambda v: "-" if v is None else v,
+                 markdown=markdown)

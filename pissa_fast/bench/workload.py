@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..options import PISSA_SAFETENSORS_CODES, SAFETENSORS_DTYPES
+
 # Per-layer projections of a few 7B-class models: name -> (out_features, in_features), and layers.
 MODELS: dict[str, tuple[int, dict[str, tuple[int, int]]]] = {
     "llama-2-7b": (32, {
@@ -64,12 +66,6 @@ PROJECTIONS = (
 )
 _PROJ_RE = re.compile(r"(?:^|\.)(" + "|".join(map(re.escape, PROJECTIONS)) + r")\.weight$")
 _LAYER_RE = re.compile(r"\.(\d+)\.")
-
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
-           "float16": torch.float16}
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "F64": torch.float64, "BF16": torch.bfloat16,
-                       "F16": torch.float16}
-
 
 @dataclass
 class MatrixSpec:
@@ -236,7 +232,8 @@ def checkpoint_model(path: str, sample: str) -> tuple[list[MatrixSpec], list[Mat
                     continue
                 sl = h.get_slice(key)
                 shape = tuple(sl.get_shape())
-                dt = _SAFETENSORS_DTYPES.get(sl.get_dtype())
+                code = sl.get_dtype()
+                dt = SAFETENSORS_DTYPES[code][0] if code in PISSA_SAFETENSORS_CODES else None
                 if len(shape) != 2 or dt is None or min(shape) < 1:
                     continue
                 every.append(MatrixSpec(key, shape, 1, source="checkpoint", file=f, key=key, dtype=dt))
@@ -276,7 +273,3 @@ def materialize(spec: MatrixSpec, workload: Workload, dtype: torch.dtype | None,
     with safe_open(spec.file, framework="pt") as h:
         w = h.get_tensor(spec.key)
     return w.to(device=device, dtype=dtype or w.dtype).contiguous()
-
-
-def parse_dtype(name: str | None) -> torch.dtype | None:
-    return None if name is None else _DTYPES[name]

@@ -46,9 +46,10 @@ int main() {
     expect(rel(Z[0], at::matmul(Wd.t(), Yr)) < 1e-5, buf, rel(Z[0], at::matmul(Wd.t(), Yr)));
 
     auto factors = op("pissa_fast::pissa_factors")
-                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                           at::TensorList, const at::Tensor&, int64_t, int64_t, c10::string_view, c10::string_view)>();
-    auto [A, B, S] = factors.call(Ws, at::randn({1, n, r + 5}), r, 6, "krylov", "qr");
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+                           at::TensorList, const at::Tensor&, int64_t, int64_t, c10::string_view, c10::string_view,
+                           double, int64_t, bool)>();
+    auto [A, B, S, used, est] = factors.call(Ws, at::randn({1, n, r + 5}), r, 6, "krylov", "cholqr2", 0.0, -1, false);
     auto sv = at::linalg_svdvals(Wd).narrow(0, 0, r);
     std::snprintf(buf, sizeof buf, "pissa_factors singular values (%s)", tag);
     expect(rel(S[0], sv) < 5e-2, buf, rel(S[0], sv));

@@ -1,0 +1,349 @@
+// Range finders of pissa_factors (see factors.cpp for the op and the methods' overview).
+//
+// Block Krylov keeps its basis Q = [Q_0 .. Q_i], the images Y = W Q and Z = W^T W Q, and the Gram
+// matrices Y^T Y and Z^T Z, which grow by one block row per pass (incremental: each pass adds
+// O((m + n) L l) work instead of recomputing O((m + n) L^2)). The Rayleigh-Ritz step works on the
+// Gram matrices alone (two L x L eigenproblems); only the final factors touch the tall blocks.
+//
+// Accuracy estimate. The left Ritz vectors u_j = Y t_j and v_j = Z t_j / s_j of two consecutive
+// steps have inner products t'^T (Y^T Y) t and t'^T (Z^T Z) t / (s' s): the change d_j between steps
+// costs nothing beyond L x L products. Krylov convergence is geometric (and faster), so the error
+// left after step i is estimated as d_i q / (1 - q), q = d_i / d_{i-1} (at most 0.9), per vector
+// (the larger of u's and v's change), and averaged with weights sqrt(s_j): for delocalized singular
+// vectors that is the l1_rel error of pissa_fast.error_vs_exact (mean |A - A*|, |B - B*| over the
+// mean |A*|, |B*|). It never reads W.
+//
+// Predicted error of torch.svd_lowrank(q = r, niter = N): subspace iteration without oversampling
+// leaves direction j off by about (s_{r+1} / s_j)^(2N + 1) (Halko, Martinsson, Tropp 2011, sec. 10;
+// the constant in front, a heavy-tailed random factor, is set to 1, which measured 1.3-2.9x below
+// svd_lowrank's actual error on synthetic and real (SmolLM2) weights: conservative).
+#include "range_finder.h"
+
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <limits>
+
+#include "small_dense.h"
+
+namespace pissa_fast {
+
+using at::Tensor;
+
+namespace {
+
+// Rayleigh-Ritz from the Gram matrices YY = Y^T Y and ZZ = Z^T Z of one basis.
+//   Y^T Y = X sig^2 X^T  ->  P = Y T, T = X sig^-1, is an orthonormal basis of range(W Q);
+//   C = P^T W = T^T Z^T, so C C^T = T^T (Z^T Z) T = Uc sc^2 Uc^T and
+//   U = P Uc = Y (T Uc),  V = C^T Uc / sc = Z (T Uc) / sc.
+// Directions of W Q below keep_tol * max are dropped (float32 pass error / sig would dominate).
+struct Ritz {
+  Tensor TU, sc, s_next;  // [b, L, r], [b, r], [b]: left Ritz vectors' coordinates and values
+  Tensor Tr, Xr, sig_r;   // the right Rayleigh-Ritz W ~ (W Q) Q^T, for rank-deficient W Q
+  Tensor enough;          // [b]: at least r directions of W Q kept
+};
+
+Ritz ritz(const Tensor& YY, const Tensor& ZZ, int64_t r, double keep_tol) {
+  const int64_t L = YY.size(-1);
+  auto [ev, X] = small_eigh(YY);
+  auto sig = ev.clamp_min(0).sqrt();
+  auto smax = std::get<0>(sig.max(-1, /*keepdim=*/true));
+  auto keep = sig > smax * keep_tol;
+  auto inv = at::where(keep, sig.reciprocal(), at::zeros_like(sig));
+  auto T = X * inv.unsqueeze(-2);
+  auto H = at::bmm(T.mT(), at::bmm(ZZ, T));
+  auto [ec, Uc] = small_eigh(H);
+  auto top = at::arange(L - 1, L - 1 - r, -1, ev.options().dtype(at::kLong));
+  Ritz out;
+  out.sc = ec.index_select(-1, top).clamp_min(0).sqrt();
+  out.TU = at::bmm(T, Uc.index_select(-1, top));
+  out.s_next = L > r ? ec.select(-1, L - 1 - r).clamp_min(0).sqrt() : at::zeros_like(ec.select(-1, 0));
+  out.Tr = T.index_select(-1, top);
+  out.Xr = X.index_select(-1, top);
+  out.sig_r = sig.index_select(-1, top);
+  out.enough = keep.sum(-1) >= r;
+  return out;
+}
+
+Ritz select(const Ritz& a, const Tensor& idx) {
+  return {a.TU.index_select(0, idx), a.sc.index_select(0, idx), a.s_next.index_select(0, idx),
+          a.Tr.index_select(0, idx), a.Xr.index_select(0, idx), a.sig_r.index_select(0, idx),
+          a.enough.index_select(0, idx)};
+}
+
+// (U, S, V) from a Ritz step and the basis it was taken on.
+std::tuple<Tensor, Tensor, Tensor> ritz_vectors(const Ritz& z, const Tensor& Q, const Tensor& Y, const Tensor& Z) {
+  auto sinv = at::where(z.sc > 0, z.sc.reciprocal(), at::zeros_like(z.sc));
+  auto U = at::bmm(Y, z.TU);
+  auto V = at::bmm(Z, z.TU) * sinv.unsqueeze(-2);
+  // One sync for the group: only where fewer than r directions of W Q are numerically nonzero does
+  // the left step have nothing to offer beyond them; there the right step needs no division.
+  if (z.enough.all().item<bool>()) return {U, z.sc, V};
+  auto e3 = z.enough.view({-1, 1, 1}), e2 = z.enough.view({-1, 1});
+  return {at::where(e3, U, at::bmm(Y, z.Tr)), at::where(e2, z.sc, z.sig_r), at::where(e3, V, at::bmm(Q, z.Xr))};
+}
+
+// Change of each Ritz pair between two consecutive steps (prev's basis is a prefix of cur's).
+Tensor ritz_change(const Ritz& prev, const Ritz& cur, const Tensor& YY, const Tensor& ZZ) {
+  const int64_t Lp = prev.TU.size(1);
+  auto cu = (prev.TU * at::bmm(YY.narrow(1, 0, Lp), cur.TU)).sum(-2).abs();
+  auto ss = prev.sc * cur.sc;
+  auto cv = (prev.TU * at::bmm(ZZ.narrow(1, 0, Lp), cur.TU)).sum(-2).abs();
+  cv = at::where(ss > 0, cv / ss, at::ones_like(cv));
+  auto du = (2 - 2 * cu.clamp_max(1)).clamp_min(0).sqrt();
+  auto dv = (2 - 2 * cv.clamp_max(1)).clamp_min(0).sqrt();
+  return at::maximum(du, dv);
+}
+
+Tensor weighted_mean(const Tensor& e, const Tensor& sc) {
+  auto w = sc.clamp_min(0).sqrt();
+  auto tot = w.sum(-1);
+  return at::where(tot > 0, (w * e).sum(-1) / tot, at::zeros_like(tot));
+}
+
+Tensor error_estimate(const Tensor& d, const Tensor& d_prev, const Tensor& sc) {
+  Tensor e = d;
+  if (d_prev.defined()) {
+    auto q = at::where(d_prev > 0, d / d_prev, at::full_like(d, 0.9)).clamp_max(0.9);
+    e = d * q / (1 - q);
+  }
+  return weighted_mean(e.clamp_max(std::sqrt(2.0)), sc);
+}
+
+Tensor svd_lowrank_prediction(const Ritz& z, int64_t N) {
+  auto ratio = at::where(z.sc > 0, z.s_next.unsqueeze(-1) / z.sc, at::ones_like(z.sc)).clamp(0, 1);
+  auto e = ratio.pow(double(2 * N + 1)).clamp_max(std::sqrt(2.0));
+  return weighted_mean(e, z.sc);
+}
+
+// Per-matrix scale c [b, 1, 1] (float64) for the test vectors so that W c V and W^T W c V stay well
+// inside float32's range: W^T W squares the weights' magnitude, so weights near 1e+-20 would
+// overflow or underflow. One sync for the group; only pathological scales pay for a second look at W.
+Tensor pass_scale(at::TensorList W, const Tensor& Y, const Tensor& Z, bool* redo) {
+  const int64_t b = Y.size(0);
+  auto Yf = Y.reshape({b, -1}), Zf = Z.reshape({b, -1});
+  auto finite = at::isfinite(Yf).all(-1) & at::isfinite(Zf).all(-1);
+  auto s = Yf.abs().amax(-1).to(at::kDouble);  // |W V| for orthonormal V: about ||W|| in scale
+  const double lo = std::ldexp(1.0, -40), hi = std::ldexp(1.0, 40);
+  auto ok = finite & (((s >= lo) & (s <= hi)) | (s == 0));
+  *redo = !ok.all().item<bool>();
+  if (!*redo) return at::ones({b, 1, 1}, Y.options().dtype(at::kDouble));
+  auto scale = at::ones({b}, Y.options().dtype(at::kDouble));
+  auto ok_cpu = ok.cpu();
+  auto s_cpu = s.cpu();
+  for (int64_t j = 0; j < b; ++j) {
+    if (ok_cpu[j].item<bool>()) continue;
+    auto mm = at::aminmax(W[j]);
+    const double amax = std::max(std::abs(std::get<0>(mm).item<double>()), std::abs(std::get<1>(mm).item<double>()));
+    TORCH_CHECK_VALUE(std::isfinite(amax), "pissa_factors: W[", j, "] contains NaN or Inf");
+    const double sj = s_cpu[j].item<double>();
+    const double ref = std::isfinite(sj) && sj > 0 ? sj : amax;
+    if (ref > 0) scale[j] = std::ldexp(1.0, -std::ilogb(ref));  // a power of two: exact scaling
+  }
+  return scale.view({b, 1, 1});
+}
+
+}  // namespace
+
+// A host vector of int64 as a tensor on `device`: one copy whatever its length (at::tensor(vector)
+// would make one call per element).
+Tensor host_index(const std::vector<int64_t>& v, const at::Device& device) {
+  auto t = at::from_blob(const_cast<int64_t*>(v.data()), {int64_t(v.size())}, at::TensorOptions().dtype(at::kLong));
+  return t.to(device, /*non_blocking=*/false, /*copy=*/true);
+}
+
+namespace {
+
+}  // namespace
+
+Factors fused_passes(at::TensorList W_all, const Tensor& omega, int64_t r, int64_t niter, bool krylov,
+                     const std::string& normalizer, const Stopping& stop, bool want_estimate) {
+  const auto acc = omega.scalar_type();
+  const auto dev = omega.device();
+  // Directions of W Q kept by the Rayleigh-Ritz step: sig comes from eigh(Y^T Y), whose absolute
+  // error is about u64 ||Y||^2, i.e. sqrt(u64) ~ 1.5e-8 relative in sig; float32 passes add their
+  // own 1e-7 relative error to Y, which 1/sig would amplify.
+  const double keep_tol = acc == at::kDouble ? 1e-6 : 1e-3;
+  const int64_t b = omega.size(0), n = omega.size(1), l = omega.size(2), m = W_all[0].size(0);
+  const auto f64 = omega.options().dtype(at::kDouble);
+  const bool stopping = krylov && stop.active() && niter >= 1;
+  const bool estimating = krylov && (want_estimate || stopping) && niter >= 1;
+
+  // Outputs, filled as matrices finish (all at the last step unless they stop early).
+  Factors out;
+  out.U = at::empty({b, m, r}, f64);
+  out.S = at::empty({b, r}, f64);
+  out.V = at::empty({b, n, r}, f64);
+  out.estimate = at::full({b}, -1.0, f64);
+  out.niter_used.assign(b, niter);
+
+  // The matrices still iterating: their weights, their positions in the group, their state.
+  std::vector<Tensor> W(W_all.begin(), W_all.end());
+  std::vector<int64_t> pos(b);
+  for (int64_t j = 0; j < b; ++j) pos[j] = j;
+
+  Tensor Q = orthonormalize(omega.to(at::kDouble), normalizer);
+  // c: the per-matrix pass scale, undefined when every matrix is fine unscaled (the usual case).
+  auto run = [&](const Tensor& Qi, const Tensor& c) {
+    if (!c.defined()) {
+      auto [Yi, Zi] = call_gram(W, Qi.to(acc));
+      return std::make_pair(Yi.to(at::kDouble), Zi.to(at::kDouble));
+    }
+    auto [Yi, Zi] = call_gram(W, (Qi * c).to(acc));
+    return std::make_pair(Yi.to(at::kDouble) / c, Zi.to(at::kDouble) / c);
+  };
+  auto [Y0, Z0] = call_gram(W, Q.to(acc));
+  bool redo = false;
+  Tensor c = pass_scale(W, Y0, Z0, &redo);
+  Tensor Yd, Zd;
+  if (!redo) c = Tensor();
+  if (redo) {
+    std::tie(Yd, Zd) = run(Q, c);
+    TORCH_CHECK_VALUE(at::isfinite(Zd).all().item<bool>(), "pissa_factors: a weight contains NaN or Inf");
+  } else {
+    Yd = Y0.to(at::kDouble);
+    Zd = Z0.to(at::kDouble);
+  }
+  // The Krylov basis, its images and their Gram matrices, preallocated: block i lives in columns
+  // [i l, (i + 1) l).
+  const int64_t blocks = krylov ? niter + 1 : 1, Lmax = l * blocks;
+  auto Qall = at::empty({b, n, Lmax}, f64), Yall = at::empty({b, m, Lmax}, f64), Zall = at::empty({b, n, Lmax}, f64);
+  auto YY = at::empty({b, Lmax, Lmax}, f64), ZZ = at::empty({b, Lmax, Lmax}, f64);
+  auto store = [&](int64_t blk, const Tensor& Qi, const Tensor& Yi, const Tensor& Zi) {
+    Qall.narrow(-1, blk * l, l).copy_(Qi);
+    Yall.narrow(-1, blk * l, l).copy_(Yi);
+    Zall.narrow(-1, blk * l, l).copy_(Zi);
+    // New block row and column of the Gram matrices (symmetric).
+    const int64_t L = (blk + 1) * l;
+    auto yy = at::bmm(Yall.narrow(-1, 0, L).mT(), Yi);  // [b, L, l]
+    auto zz = at::bmm(Zall.narrow(-1, 0, L).mT(), Zi);
+    YY.narrow(1, 0, L).narrow(2, blk * l, l).copy_(yy);
+    YY.narrow(1, blk * l, l).narrow(2, 0, L).copy_(yy.mT());
+    ZZ.narrow(1, 0, L).narrow(2, blk * l, l).copy_(zz);
+    ZZ.narrow(1, blk * l, l).narrow(2, 0, L).copy_(zz.mT());
+  };
+  store(0, Q, Yd, Zd);
+
+  Ritz prev, cur;
+  Tensor d_prev, est;
+  bool have_prev = false;
+  // Finish the matrices at active positions `which`: their factors from the current Ritz step.
+  auto finish = [&](const std::vector<int64_t>& which, int64_t L, int64_t used) {
+    std::vector<int64_t> orig;
+    for (auto w : which) orig.push_back(pos[w]);
+    auto oidx = host_index(orig, dev);
+    // All the active matrices at once (the usual case) read the basis where it is: no copy of it.
+    const bool all = which.size() == W.size();
+    auto idx = all ? Tensor() : host_index(which, dev);
+    auto pick = [&](const Tensor& t) { return all ? t : t.index_select(0, idx); };
+    auto [U, S, V] = ritz_vectors(all ? cur : select(cur, idx), pick(Qall).narrow(-1, 0, L), pick(Yall).narrow(-1, 0, L),
+                                  pick(Zall).narrow(-1, 0, L));
+    out.U.index_copy_(0, oidx, U);
+    out.S.index_copy_(0, oidx, S);
+    out.V.index_copy_(0, oidx, V);
+    if (est.defined()) out.estimate.index_copy_(0, oidx, pick(est));
+    for (auto o : orig) out.niter_used[o] = used;
+  };
+
+  for (int64_t i = 0; i <= niter; ++i) {
+    const int64_t blk = krylov ? i : 0;
+    if (i > 0) {
+      auto Zprev = Zall.narrow(-1, (krylov ? i - 1 : 0) * l, l);
+      Tensor Qn = krylov ? orthonormalize_against(Zprev, Qall.narrow(-1, 0, i * l), normalizer)
+                         : orthonormalize(Zprev, normalizer);
+      auto [Yi, Zi] = run(Qn, c);
+      store(blk, Qn, Yi, Zi);
+    }
+    const int64_t L = (blk + 1) * l;
+    const bool last = i == niter;
+    const bool need_ritz = last || stopping || (estimating && i >= niter - 2);
+    if (!need_ritz) continue;
+    auto YYi = YY.narrow(1, 0, L).narrow(2, 0, L), ZZi = ZZ.narrow(1, 0, L).narrow(2, 0, L);
+    cur = ritz(YYi, ZZi, r, keep_tol);
+    if (estimating && have_prev) {
+      auto d = ritz_change(prev, cur, YYi, ZZi);
+      est = error_estimate(d, d_prev, cur.sc);
+      d_prev = d;
+    }
+    prev = cur;
+    have_prev = true;
+    if (last) break;
+    if (!stopping || !est.defined()) continue;
+    // Which matrices are done: one transfer of b flags to the host, whatever b is.
+    Tensor target = at::full_like(est, std::numeric_limits<double>::infinity());
+    if (stop.tol > 0) target = target.clamp_max(stop.tol);
+    if (stop.like_svd_lowrank >= 0) target = at::minimum(target, svd_lowrank_prediction(cur, stop.like_svd_lowrank));
+    auto done = (est <= target).to(at::kCPU);
+    auto flags = done.accessor<bool, 1>();
+    std::vector<int64_t> fin, rest;
+    for (int64_t j = 0; j < done.size(0); ++j) (flags[j] ? fin : rest).push_back(j);
+    if (fin.empty()) continue;
+    finish(fin, L, i);
+    if (rest.empty()) return out;
+    // Keep iterating on the others only.
+    auto keep = host_index(rest, dev);
+    std::vector<Tensor> Wk;
+    std::vector<int64_t> pk;
+    for (auto j : rest) {
+      Wk.push_back(W[j]);
+      pk.push_back(pos[j]);
+    }
+    W = std::move(Wk);
+    pos = std::move(pk);
+    Qall = Qall.index_select(0, keep);
+    Yall = Yall.index_select(0, keep);
+    Zall = Zall.index_select(0, keep);
+    YY = YY.index_select(0, keep);
+    ZZ = ZZ.index_select(0, keep);
+    if (c.defined()) c = c.index_select(0, keep);
+    prev = select(prev, keep);
+    cur = prev;
+    est = est.index_select(0, keep);
+    d_prev = d_prev.index_select(0, keep);
+  }
+  std::vector<int64_t> all(W.size());
+  for (size_t j = 0; j < all.size(); ++j) all[j] = int64_t(j);
+  finish(all, krylov ? l * (niter + 1) : l, niter);
+  return out;
+}
+
+// Top-r SVD of C [b, k, n] given as C = P^T W for an orthonormal P [b, m, k]: U = P Uc.
+static Factors svd_of_projection(const Tensor& P, const Tensor& C, int64_t r) {
+  auto [ev, Uc] = small_eigh(at::bmm(C, C.mT()));
+  const int64_t k = ev.size(-1);
+  auto top = at::arange(k - 1, k - 1 - r, -1, ev.options().dtype(at::kLong));
+  auto s = ev.index_select(-1, top).clamp_min(0).sqrt();
+  Uc = Uc.index_select(-1, top);
+  auto inv = at::where(s > 0, s.reciprocal(), at::zeros_like(s));
+  auto V = at::bmm(C.mT(), Uc) * inv.unsqueeze(-2);
+  Factors f;
+  f.U = at::bmm(P, Uc);
+  f.S = s;
+  f.V = V;
+  return f;
+}
+
+Factors halko(at::TensorList W, const Tensor& omega, int64_t r, int64_t niter, const std::string& normalizer) {
+  const auto acc = omega.scalar_type();
+  Tensor Q = orthonormalize(omega.to(at::kDouble), normalizer);
+  Tensor Y = call_wx(W, Q.to(acc));
+  if (!at::isfinite(Y).all().item<bool>()) {
+    for (size_t j = 0; j < W.size(); ++j) {
+      auto mm = at::aminmax(W[j]);
+      TORCH_CHECK_VALUE(std::isfinite(std::get<0>(mm).item<double>()) && std::isfinite(std::get<1>(mm).item<double>()),
+                        "pissa_factors: W[", j, "] contains NaN or Inf");
+    }
+  }
+  Tensor P = orthonormalize(Y.to(at::kDouble), normalizer);
+  for (int64_t i = 0; i < niter; ++i) {
+    Q = orthonormalize(call_wtx(W, P.to(acc)).to(at::kDouble), normalizer);
+    P = orthonormalize(call_wx(W, Q.to(acc)).to(at::kDouble), normalizer);
+  }
+  Tensor C = call_wtx(W, P.to(acc)).to(at::kDouble).mT();  // P^T W
+  Factors f = svd_of_projection(P, C, r);
+  f.niter_used.assign(W.size(), niter);
+  f.estimate = at::full({int64_t(W.size())}, -1.0, f.S.options());
+  return f;
+}
+
+}  // namespace pissa_fast

@@ -1,0 +1,144 @@
+// Small dense steps of pissa_factors: thread control, pass calls, CholeskyQR2 with a shifted
+// fallback, batched small eigenproblems. See small_dense.h.
+#include "small_dense.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+
+namespace pissa_fast {
+
+using at::Tensor;
+
+namespace {
+thread_local int full_threads = 0;
+}
+
+SmallStepsOnOneThread::SmallStepsOnOneThread(bool cpu) : owner(full_threads == 0) {
+  const int n = at::get_num_threads();
+  if (cpu && n > 1 && full_threads == 0) {
+    full_threads = n;
+    at::set_num_threads(1);
+  } else {
+    owner = false;
+  }
+}
+
+SmallStepsOnOneThread::~SmallStepsOnOneThread() {
+  if (owner && full_threads > 0) {
+    at::set_num_threads(full_threads);
+    full_threads = 0;
+  }
+}
+
+AllThreads::AllThreads() {
+  if (full_threads > 1) at::set_num_threads(full_threads);
+}
+
+AllThreads::~AllThreads() {
+  if (full_threads > 1) at::set_num_threads(1);
+}
+
+std::tuple<Tensor, Tensor> call_gram(at::TensorList W, const Tensor& V) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("pissa_fast::gram", "")
+                       .typed<std::tuple<Tensor, Tensor>(at::TensorList, const Tensor&)>();
+  auto Vc = V.contiguous();
+  AllThreads all;
+  return op.call(W, Vc);
+}
+
+Tensor call_wx(at::TensorList W, const Tensor& X) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("pissa_fast::wx", "")
+                       .typed<Tensor(at::TensorList, const Tensor&)>();
+  auto Xc = X.contiguous();
+  AllThreads all;
+  return op.call(W, Xc);
+}
+
+Tensor call_wtx(at::TensorList W, const Tensor& Y) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("pissa_fast::wtx", "")
+                       .typed<Tensor(at::TensorList, const Tensor&)>();
+  auto Yc = Y.contiguous();
+  AllThreads all;
+  return op.call(W, Yc);
+}
+
+namespace {
+
+// One CholeskyQR sweep: X = Q R with R from the Cholesky factor of X^T X. Where the Gram matrix of
+// some matrix of the group is not numerically positive definite, the whole group is redone with a
+// shift on those matrices only: s = 11 (n k + k (k + 1)) u ||X||_F^2 (Fukaya, Kannan, Nakatsukasa,
+// Yamamoto, Yanagisawa 2020), which makes the Cholesky succeed and leaves Q with condition number
+// about u^-1/2, so two more plain sweeps make it orthonormal. One host sync per sweep, for the whole
+// group. Returns (Q, whether any matrix needed the shift).
+std::pair<Tensor, bool> cholqr_sweep(const Tensor& X) {
+  auto G = at::bmm(X.mT(), X);
+  auto [L, info] = at::linalg_cholesky_ex(G);
+  const bool failed = info.any().item<bool>();
+  if (failed) {
+    const int64_t n = X.size(-2), k = X.size(-1);
+    const double u = std::numeric_limits<double>::epsilon() / 2;
+    const double c = 11.0 * double(n * k + k * (k + 1)) * u;
+    auto fro2 = G.diagonal(0, -2, -1).sum(-1);  // ||X||_F^2 per matrix
+    // The floor makes an all-zero block well defined: G + s I = s I, Q = X / sqrt(s) = 0.
+    auto shift = at::where(info.ne(0), (fro2 * c).clamp_min(1e-280), at::zeros_like(fro2));
+    auto eye = at::eye(k, G.options());
+    G = G + eye * shift.view({-1, 1, 1});
+    L = std::get<0>(at::linalg_cholesky_ex(G));
+  }
+  auto Q = at::linalg_solve_triangular(L.mH(), X, /*upper=*/true, /*left=*/false);
+  return {Q, failed};
+}
+
+bool host_eigh() {
+  static const bool host = [] {
+    const char* v = std::getenv("PISSA_FAST_SMALL_EIGH");
+    return !(v != nullptr && std::strcmp(v, "device") == 0);
+  }();
+  return host;
+}
+
+}  // namespace
+
+Tensor orthonormalize(const Tensor& X, const std::string& normalizer) {
+  if (normalizer == "qr") return std::get<0>(at::linalg_qr(X));
+  auto [Q, shifted] = cholqr_sweep(X);
+  Q = cholqr_sweep(Q).first;
+  if (shifted) Q = cholqr_sweep(Q).first;  // shifted CholeskyQR3 for the hard matrices
+  return Q;
+}
+
+Tensor orthonormalize_against(const Tensor& X, const Tensor& Qprev, const std::string& normalizer) {
+  auto project = [&](const Tensor& Y) { return at::baddbmm(Y, Qprev, at::bmm(Qprev.mT(), Y), 1, -1); };
+  if (normalizer == "qr") return orthonormalize(project(orthonormalize(project(X), normalizer)), normalizer);
+  // Block Gram-Schmidt twice with one CholeskyQR sweep each (BCGS2): the second projection and
+  // sweep are the reorthogonalization that CholeskyQR2's second sweep would be. A block the
+  // projection nearly annihilated takes the shifted path, and one more sweep after it.
+  auto [Q, shifted] = cholqr_sweep(project(X));
+  if (shifted) Q = cholqr_sweep(Q).first;
+  auto [Q2, shifted2] = cholqr_sweep(project(Q));
+  if (shifted2) Q2 = cholqr_sweep(Q2).first;
+  return Q2;
+}
+
+// On CUDA, torch.linalg.eigh runs a stack of L x L problems through cuSOLVER one matrix at a time
+// (batched Jacobi only for L <= 32), each a chain of small kernels: the issue that asked for this
+// estimated 2-7 ms per matrix, unmeasured here (no GPU was available). LAPACK on the host solves an
+// 80 x 80 problem in about 0.3 ms (measured on this project's CPU), and the transfer is L^2 doubles
+// per matrix. So the stack crosses to the host in one transfer each way. PISSA_FAST_SMALL_EIGH=device
+// keeps it on the GPU, to measure the other choice.
+std::tuple<Tensor, Tensor> small_eigh(const Tensor& G) {
+  if (G.is_cuda() && host_eigh()) {
+    auto [ev, vec] = at::linalg_eigh(G.to(at::kCPU, at::kDouble));
+    return {ev.to(G.device()), vec.to(G.device())};
+  }
+  return at::linalg_eigh(G);
+}
+
+}  // namespace pissa_fast
