@@ -45,12 +45,21 @@ def decompose_kwargs(niter: int | None, r: int) -> dict:
     `"pissa"`, the exact SVD).
 
     The promise: with PISSA_FAST_NITER unset (or "equivalent"), the cheapest pissa_fast setting at
-    least as accurate as `torch.svd_lowrank(W, r, niter)`, which is what peft runs. With
-    PISSA_FAST_NITER=literal, pissa_fast's own niter N.
+    least as accurate as `torch.svd_lowrank(W, r, niter)`, which is what peft runs:
+    pissa_fast.svd_lowrank_equivalent(niter, r), a per-weight stopping criterion capped at niter N
+    (each weight stops at the first niter whose error estimate is at most the error svd_lowrank is
+    predicted to make on it). With PISSA_FAST_NITER=literal, pissa_fast's own niter N, every weight.
     """
-    # TODO(lead): wire the accuracy mapping here once pissa_fast.svd_lowrank_equivalent (issue 13)
-    # lands: `if niter is not None and niter_mode() == "equivalent": return svd_lowrank_equivalent(niter, r)`.
-    # Until then both modes run the literal niter (already at least as accurate as svd_lowrank at the
-    # same niter: benchmarks/RESULTS.md).
-    niter_mode()  # a bad PISSA_FAST_NITER raises before any weight is touched
-    return {"niter": niter}
+    mode = niter_mode()  # a bad PISSA_FAST_NITER raises before any weight is touched
+    if niter is None or mode == "literal":
+        return {"niter": niter}
+    from ..equivalence import svd_lowrank_equivalent
+
+    return svd_lowrank_equivalent(niter, r)
+
+
+def literal(kwargs: dict) -> dict:
+    """The fixed-niter form of decompose_kwargs' result, for weights whose decompose_many path takes
+    no per-matrix stopping criterion (sharded weights). It still keeps the promise: block Krylov at
+    niter N with at least r columns per block is never less accurate than svd_lowrank at N."""
+    return {k: v for k, v in kwargs.items() if k not in ("like_svd_lowrank", "tol", "estimate")}
