@@ -23,9 +23,10 @@ from dataclasses import dataclass
 import torch
 
 from .. import memory
+from ..distributed.shards import full_shape, is_dtensor, is_sharded, is_zero3, local_tensor
 from ..memory import span
 from ..options import PEFT_PISSA_DTYPES, progress_enabled
-from .niter import decompose_kwargs
+from .niter import decompose_kwargs, literal
 
 _MAX_LAYERS_PER_CALL = {"cuda": 64}  # batching pays on GPUs; on CPUs small calls keep the progress bar moving
 _MAX_LAYERS_PER_CALL_DEFAULT = 8
@@ -48,8 +49,9 @@ def label(p: Pending) -> str:
 
 
 def weight_shape(w: torch.Tensor) -> tuple[int, ...]:
-    """The full shape, also for a parameter partitioned by DeepSpeed ZeRO-3 (ds_shape)."""
-    return tuple(getattr(w, "ds_shape", None) or w.shape)
+    """The full shape, also for a parameter partitioned by DeepSpeed ZeRO-3 (its .shape is (0,)) and a
+    DTensor (its .shape is already the global one)."""
+    return full_shape(w)
 
 
 def why_unsupported(layer, adapter: str) -> str | None:
@@ -68,7 +70,7 @@ def why_unsupported(layer, adapter: str) -> str | None:
     weight = getattr(base, "weight", None)
     if not isinstance(weight, torch.Tensor):
         return f"{kind} has no weight tensor"
-    if type(weight) not in (torch.Tensor, torch.nn.Parameter):
+    if type(weight) not in (torch.Tensor, torch.nn.Parameter) and not is_dtensor(weight):
         cls = type(weight)
         return (f"quantized or packed base weight ({cls.__module__}.{cls.__name__}); PiSSA needs a "
                 f"float32/float16/bfloat16 weight: initialize PiSSA on the unquantized model, then quantize the residual")
@@ -98,10 +100,13 @@ def _is_linear(base) -> bool:
 
 def _span(w: torch.Tensor) -> tuple[str, int, int]:
     """(device, lo, hi): where w's values live; overlapping spans mean the layers share a weight."""
-    if hasattr(w, "ds_id"):  # DeepSpeed ZeRO-3: the partitioned parameter itself is the identity
+    if is_zero3(w):  # DeepSpeed ZeRO-3: the partitioned parameter itself is the identity
         return (f"ds:{w.ds_id}", 0, 1)
-    lo, hi = span(w)
-    return (str(w.device), lo, hi)
+    local = local_tensor(w)  # a DTensor: this rank's shard (tied DTensors share it)
+    if local.numel() == 0:  # an empty shard on this rank tells nothing: the DTensor object does
+        return (f"dtensor:{id(w)}", 0, 1)
+    lo, hi = span(local)
+    return (str(local.device), lo, hi)
 
 
 class _Disjoint:
@@ -209,8 +214,9 @@ def initialize(pending: list[Pending], seed: int, *, progress: bool | None = Non
         what = "exact" if niters == {None} else "niter " + ",".join(str(n) for n in sorted(niters, key=str))
         bar = tqdm(total=len(pending), desc=f"PiSSA init (pissa_fast, {what})", unit="layer")
     # one look at the process's memory map for the whole batch (file-backed weights: memory.py);
-    # ZeRO-3-partitioned weights have no data until gathered: decompose_many looks at those itself
-    local = [p for p in pending if not hasattr(p.layer.get_base_layer().weight, "ds_id")]
+    # ZeRO-3-partitioned weights have no data until gathered, and DTensors are written shard by shard
+    # by pissa_fast.distributed: neither is a file mapping to populate here
+    local = [p for p in pending if not is_sharded(p.layer.get_base_layer().weight)]
     try:
         with memory.prepared([_matrix(p) for p in local], [label(p) for p in local]):
             _run(pending, seed, gather, bar)
@@ -228,14 +234,20 @@ def _run(pending: list[Pending], seed: int, gather: bool, bar) -> None:
         groups: dict[tuple, list[Pending]] = defaultdict(list)
         for p in wave:
             w = p.layer.get_base_layer().weight
-            groups[(p.niter, int(p.layer.r[p.adapter]), w.device)].append(p)
-        for (niter, r, device), items in groups.items():
+            # DTensors apart: pissa_fast.distributed decomposes them collectively, every rank making
+            # the same calls in the same order (peft's injection runs on every rank)
+            groups[(p.niter, int(p.layer.r[p.adapter]), w.device, is_dtensor(w))].append(p)
+        for (niter, r, device, dtensor), items in groups.items():
+            kwargs = decompose_kwargs(niter, r)
+            if dtensor:  # the sharded path takes a fixed niter only (still at least svd_lowrank's accuracy)
+                kwargs = literal(kwargs)
             for chunk in _chunks(items, device):
                 weights = [p.layer.get_base_layer().weight for p in chunk]
-                # peft gathers each weight around its pissa_init (DeepSpeed ZeRO-3); so do we, per call
+                # peft gathers each weight around its pissa_init (DeepSpeed ZeRO-3); so do we, per call.
+                # Gathered, a ZeRO-3 weight's detached data is the full matrix: decomposed like a plain
+                # one on every rank, as peft does, and re-partitioned from rank 0 when the context ends.
                 with gather_params_ctx(weights) if gather else contextlib.nullcontext():
-                    outs = decompose_many([_matrix(p) for p in chunk], r, inplace=True, seed=seed,
-                                          **decompose_kwargs(niter, r))
+                    outs = decompose_many([_matrix(p) for p in chunk], r, inplace=True, seed=seed, **kwargs)
                     for p, w, d in zip(chunk, weights, outs):
                         root = math.sqrt(p.layer.scaling[p.adapter])
                         _set_param(p.layer.lora_A[p.adapter], d.A / root, w.dtype)
