@@ -310,13 +310,24 @@ def test_cuda_model_decomposed_on_cuda():  # (no "device"/"dtype" args: conftest
 
 
 def test_progress_bar(capsys, monkeypatch):
+    import pissa_fast.peft.layers as layers
+
     monkeypatch.setenv("PISSA_FAST_PROGRESS", "1")
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        get_peft_model(tiny("llama"), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="pissa_niter_4"))
-    err = capsys.readouterr().err
+
+    def init():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            get_peft_model(tiny("llama"), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="pissa_niter_4"))
+        return capsys.readouterr().err
+
+    monkeypatch.setattr(layers, "_PROGRESS_DELAY_S", 60.0)
+    assert "PiSSA init" not in init()  # a short init prints nothing
+    monkeypatch.setattr(layers, "_PROGRESS_DELAY_S", 0.0)  # a long one: the bar
+    err = init()
     assert "PiSSA init" in err and "2/2" in err
+    monkeypatch.setenv("PISSA_FAST_PROGRESS", "0")
+    assert "PiSSA init" not in init()
 
 
 def test_seed_and_switch_state():

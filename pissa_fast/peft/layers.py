@@ -31,6 +31,7 @@ from .niter import decompose_kwargs, literal
 _MAX_LAYERS_PER_CALL = {"cuda": 64}  # batching pays on GPUs; on CPUs small calls keep the progress bar moving
 _MAX_LAYERS_PER_CALL_DEFAULT = 8
 _MAX_BYTES_PER_CALL = 2 << 30  # also what one call gathers at once under DeepSpeed ZeRO-3
+_PROGRESS_DELAY_S = 2.0  # the bar appears once the init has run this long
 _QUANTIZED_HINTS = ("4bit", "8bit", "Quant", "Hqq", "Gptq", "GPTQ", "Awq", "AWQ", "Eetq", "TorchAO", "Aqlm", "Hqq")
 
 
@@ -212,7 +213,12 @@ def initialize(pending: list[Pending], seed: int, *, progress: bool | None = Non
 
         niters = {p.niter for p in pending}
         what = "exact" if niters == {None} else "niter " + ",".join(str(n) for n in sorted(niters, key=str))
-        bar = tqdm(total=len(pending), desc=f"PiSSA init (pissa_fast, {what})", unit="layer")
+        # only for a long init: a small model's injection prints nothing (tqdm's delay), and on a
+        # distributed run only the first rank draws it
+        rank0 = not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
+            or torch.distributed.get_rank() == 0
+        bar = tqdm(total=len(pending), desc=f"PiSSA init (pissa_fast, {what})", unit="layer",
+                   delay=_PROGRESS_DELAY_S, disable=not rank0)
     # one look at the process's memory map for the whole batch (file-backed weights: memory.py);
     # ZeRO-3-partitioned weights have no data until gathered, and DTensors are written shard by shard
     # by pissa_fast.distributed: neither is a file mapping to populate here
