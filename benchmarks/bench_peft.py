@@ -58,9 +58,9 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", default=None, help="folder for the checkpoint (default: a temporary one)")
     p.add_argument("--decay", type=float, default=0.35)
     p.add_argument("--fast-niter", default="",
-                   help="what-if for the pissa_fast paths, e.g. '4:2,16:4': run pissa_fast's niter 2 where peft "
-                        "runs pissa_niter_4 (stands in for the accuracy mapping of pissa_fast.peft.decompose_kwargs; "
-                        "check the L1 table that it is at least as accurate)")
+                   help="what-if for the pissa_fast paths, e.g. '4:2,16:4': a fixed niter 2 where peft runs "
+                        "pissa_niter_4, replacing the accuracy mapping (pissa_fast.peft.decompose_kwargs); "
+                        "check the L1 table that it is at least as accurate")
     p.add_argument("--json", default=None)
     p.add_argument("--no-errors", action="store_true", help="skip the L1 error table")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -191,10 +191,10 @@ def errors(args, ckpt, niters, fast_niter):
         V, S, U = torch.svd_lowrank(w.float(), args.r, niter=n)
         root = S.sqrt()
         e_peft = error_vs_exact(w, Factors(root[:, None] * U.T, V * root, S), exact=exact)
-        kwargs = decompose_kwargs(n, args.r)
-        kwargs["niter"] = fast_niter.get(str(n), kwargs["niter"])
-        e_fast = error_vs_exact(w, decompose(w, args.r, **kwargs), exact=exact)
-        rows.append((n, kwargs["niter"], e_peft.l1, e_fast.l1))
+        kwargs = {"niter": fast_niter[str(n)]} if str(n) in fast_niter else decompose_kwargs(n, args.r)
+        d = decompose(w, args.r, **kwargs)
+        e_fast = error_vs_exact(w, d, exact=exact)
+        rows.append((n, d.niter_used if d.niter_used is not None else kwargs["niter"], e_peft.l1, e_fast.l1))
     return "x".join(map(str, w.shape)), rows
 
 
@@ -262,7 +262,8 @@ def main(argv=None) -> int:
           f"(OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']}), {os.cpu_count()} CPUs, load average {load0} at start; "
           f"peft {peft.__version__}, transformers {transformers.__version__}, pissa_fast {pissa_fast.__version__} "
           f"({pissa_fast.build_info()}), {platform.machine()}. Medians of {args.repeats} runs, each in a fresh "
-          f"process; CPU = user + sys seconds of that process; peak = growth of VmHWM during the call.\n")
+          f"process; CPU = user + sys seconds of that process; peak = growth of VmHWM during the call. "
+          f"PISSA_FAST_NITER={os.environ.get('PISSA_FAST_NITER') or '(unset: equivalent)'}.\n")
     head = "| flow | niter | path | wall (s) | speed-up | CPU (s) | CPU speed-up | peak extra RSS (MiB) |"
     if fast_niter:
         print(f"What-if: the pissa_fast paths ran niter {fast_niter} (peft's N: pissa_fast's), standing in for "
@@ -282,7 +283,7 @@ def main(argv=None) -> int:
         shape, rows = err
         print(f"\nL1 error against the exact SVD (pissa_fast.error_vs_exact), model.layers.0.self_attn.q_proj "
               f"({shape}):\n")
-        print("| pissa_niter_N | peft (svd_lowrank, niter N) | pissa_fast niter run | pissa_fast |")
+        print("| pissa_niter_N | peft (svd_lowrank, niter N) | pissa_fast niter used | pissa_fast |")
         print("|---:|---:|---:|---:|")
         for n, nf, lp, lf in rows:
             print(f"| {n} | {lp:.2e} | {nf} | {lf:.2e} |")
