@@ -16,36 +16,58 @@ def _model():
                                torch.nn.Linear(9, 10)).eval()
 
 
-def _init(model):
+def _init(model, seed=None):
+    """peft's own get_peft_model with the backend on; seed: the test matrices' seed (None: drawn
+    from torch's global RNG, as in a trainer)."""
     import peft
 
     import pissa_fast.peft
+    from pissa_fast.peft.backend import options
 
-    torch.manual_seed(1)  # the backend's seed comes from torch's global RNG: the same on every rank
-    with pissa_fast.peft.enabled():
+    with pissa_fast.peft.enabled(), options(seed=seed):
         return peft.get_peft_model(model, peft.LoraConfig(r=3, lora_alpha=6, target_modules=list(TARGETS),
                                                           init_lora_weights="pissa_niter_2"))
+
+
+def _shard(model, mesh):
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    for i, placement in zip(TARGETS, (Shard(0), Shard(1), Shard(0))):  # uneven splits, rows and columns
+        lin = model[int(i)]
+        lin.weight = torch.nn.Parameter(distribute_tensor(lin.weight.detach(), mesh, [placement]))
+    return model
+
+
+def _digest(pm) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for i in TARGETS:
+        layer = pm.base_model.model[int(i)]
+        for t in (layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.base_layer.weight.full_tensor()):
+            h.update(t.detach().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _on_dtensors(rank, world):
     import os
 
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+    from torch.distributed.tensor import DTensor
 
     # reference: plain weights, the fixed niter the sharded path runs
     os.environ["PISSA_FAST_NITER"] = "literal"
-    ref = _init(_model())
+    ref = _init(_model(), seed=5)
     del os.environ["PISSA_FAST_NITER"]  # default mode: DTensors must still take the fixed niter
 
     mesh = init_device_mesh("cpu", (world,))
-    model = _model()
-    original = {i: model[int(i)].weight.detach().clone() for i in TARGETS}
-    for i, placement in zip(TARGETS, (Shard(0), Shard(1), Shard(0))):  # uneven splits, rows and columns
-        lin = model[int(i)]
-        lin.weight = torch.nn.Parameter(distribute_tensor(lin.weight.detach(), mesh, [placement]))
-    pm = _init(model)
-    facts = {}
+    model = _shard(_model(), mesh)
+    original = {i: model[int(i)].weight.detach().full_tensor().clone() for i in TARGETS}
+    pm = _init(model, seed=5)
+    # the seed from torch's global RNG, which differs between the ranks here: they must agree on one
+    torch.manual_seed(10 + rank)
+    drawn = _digest(_init(_shard(_model(), mesh)))
+    facts = {"drawn": drawn}
     for i in TARGETS:
         got, want = pm.base_model.model[int(i)], ref.base_model.model[int(i)]
         w = got.base_layer.weight
@@ -64,7 +86,9 @@ def _on_dtensors(rank, world):
 
 def test_backend_decomposes_dtensor_weights_like_plain_ones():
     eps = torch.finfo(torch.float32).eps
-    for rank, facts in enumerate(run_ranks(_on_dtensors, world=2, preload=("peft", "torch.distributed.tensor"))):
+    ranks = run_ranks(_on_dtensors, world=2, preload=("peft", "torch.distributed.tensor"))
+    assert ranks[0].pop("drawn") == ranks[1].pop("drawn")  # same factors and residual on every rank
+    for rank, facts in enumerate(ranks):
         for name, f in facts.items():
             where = f"rank {rank}, layer {name}: {f}"
             assert f["still_dtensor"], where

@@ -207,6 +207,7 @@ def initialize(pending: list[Pending], seed: int, *, progress: bool | None = Non
     holds peft's gather_params_ctx for these weights."""
     if not pending:
         return
+    seed = _agreed_seed(pending, seed)
     bar = None
     if progress if progress is not None else progress_enabled():
         from tqdm.auto import tqdm
@@ -229,6 +230,21 @@ def initialize(pending: list[Pending], seed: int, *, progress: bool | None = Non
     finally:
         if bar is not None:
             bar.close()
+
+
+def _agreed_seed(pending: list[Pending], seed: int) -> int:
+    """Rank 0's seed on every rank when any weight is sharded. The seed comes from torch's global RNG,
+    which ranks need not share (per-rank seeding, or random ops on DTensors that advance it on some
+    ranks only); sharded weights are decomposed collectively, and every rank must hold the same
+    factors. Every rank runs peft's injection over the same layers, so all of them get here."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return seed
+    if not any(is_sharded(p.layer.get_base_layer().weight) for p in pending):
+        return seed
+    box = [int(seed)]
+    dist.broadcast_object_list(box, src=0)
+    return int(box[0])
 
 
 def _run(pending: list[Pending], seed: int, gather: bool, bar) -> None:
