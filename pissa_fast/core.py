@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ._ops import ops
+from .memory import prepare_inplace
 from .options import WEIGHT_DTYPES
 
 METHODS = ("krylov", "subspace", "halko", "exact")
@@ -286,6 +287,8 @@ def decompose_many(weights: Mapping[Any, torch.Tensor] | Sequence[torch.Tensor],
         for a, b in zip(spans, spans[1:]):
             if a[0] == b[0] and b[1] < a[2]:
                 raise ValueError(f"inplace=True: {_name(b[3])} overlaps {_name(a[3])} in memory")
+        # --- pissa_fast.memory (peft backend, i9): file-backed weights populated before the passes ---
+        prepare_inplace([w for _, w in items], [_name(None if _single else key) for key, _ in items])
 
     meth = "exact" if niter is None else (method or "krylov")
     nit = 0 if niter is None else int(niter)

@@ -82,14 +82,15 @@ def lora_config(settings: AdapterSettings, init_lora_weights):
 
 
 def pissa_peft_model(model, config):
-    """PiSSA through pissa_fast's peft backend: the one place the benchmark enters it.
+    """PiSSA through pissa_fast's peft backend, as a trainer gets it: peft's own get_peft_model with
+    the backend switched on for this call (test matrices seeded from torch's global RNG, which the
+    benchmark seeds; pissa_niter_N as an accuracy promise). The one place the benchmark enters it."""
+    import peft
 
-    Today the backend is the drop-in `pissa_fast.peft.get_peft_model`. Once `pissa_fast.peft.enabled()`
-    lands, this body becomes `with pissa_fast.peft.enabled(): return peft.get_peft_model(model, config)`.
-    """
-    from pissa_fast.peft import get_peft_model
+    import pissa_fast.peft
 
-    return get_peft_model(model, config)
+    with pissa_fast.peft.enabled():
+        return peft.get_peft_model(model, config)
 
 
 def component_slice(k: int, r: int, which: str) -> slice:
