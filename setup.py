@@ -5,10 +5,12 @@ torch must already be installed: `pip install --no-build-isolation .`
 """
 import glob
 import os
+import runpy
 import shutil
 import sys
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -98,16 +100,36 @@ def extensions():
         extra_compile_args={"cxx": cxx, "nvcc": nvcc})]
 
 
+# --- peft backend (i9): PISSA_FAST_PEFT=1 startup hook and the tested peft range ---
+PTH = "pissa_fast_peft.pth"  # one line: imports _pissa_fast_peft_hook only when PISSA_FAST_PEFT is set
+PEFT_SPECIFIER = runpy.run_path(os.path.join(ROOT, "pissa_fast", "peft", "versions.py"))["PEFT_SPECIFIER"]
+
+
+class build_py_with_pth(build_py):
+    """Ship pissa_fast_peft.pth at the top of site-packages, as coverage.py's process-startup hook is
+    installed: in a wheel it sits in build_lib's root; in an editable install (`pip install -e .`,
+    PEP 660) setuptools builds the wheel from the `install` command's install_lib folder instead."""
+
+    def run(self):
+        super().run()
+        target = self.build_lib
+        if getattr(self, "editable_mode", False):
+            target = self.distribution.get_command_obj("install").install_lib
+        if target:
+            self.copy_file(os.path.join(ROOT, PTH), os.path.join(target, PTH), preserve_mode=0)
+
+
 setup(
     name="pissa_fast",
     version="0.1.0",
     description="Fast, accurate PiSSA initialization: randomized SVD and fused residual kernels for PyTorch",
     packages=find_packages(include=["pissa_fast", "pissa_fast.*"]),
+    py_modules=["_pissa_fast_peft_hook"],
     ext_modules=extensions(),
-    cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)},
+    cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=False), "build_py": build_py_with_pth},
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "numpy", "tqdm"],
     # QPiSSA and its QLoRA/LoftQ baselines quantize with bitsandbytes' own NF4 (CPU and CUDA since 0.48).
-    extras_require={"quant": ["bitsandbytes==0.50.2"]},
+    extras_require={"peft": [f"peft{PEFT_SPECIFIER}", "transformers>=4.56"], "quant": ["bitsandbytes==0.50.2"]},
     entry_points={"console_scripts": ["pissa-fast=pissa_fast.cli:main"]},
 )

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ._ops import ops
+from .memory import prepare_inplace
 from .options import WEIGHT_DTYPES
 
 METHODS = ("krylov", "subspace", "halko", "exact")
@@ -95,7 +96,14 @@ def _check_args(r, niter, method, oversample, normalizer, seed, generator):
     if oversample is not None and (isinstance(oversample, bool) or not isinstance(oversample, numbers.Integral)
                                    or oversample < 0):
         raise ValueError(f"oversample must be an int >= 0 or None, got {oversample!r}")
-    if generator is None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+    if isinstance(seed, Mapping) and generator is not None:
+        raise ValueError("pass seed= (an int, or a mapping key -> int) or generator=, not both")
+    if isinstance(seed, Mapping):  # per-weight seeds (checked against the weights' keys in decompose_many)
+        bad = next(((k, v) for k, v in seed.items() if isinstance(v, bool) or not isinstance(v, numbers.Integral)),
+                   None)
+        if bad is not None:
+            raise TypeError(f"seed[{bad[0]!r}] must be an int, got {type(bad[1]).__name__} {bad[1]!r}")
+    elif generator is None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
         raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
@@ -226,7 +234,7 @@ def decompose(weight: torch.Tensor, r: int, niter: int | None = 4, *, tol: float
 def decompose_many(weights: Mapping[Any, torch.Tensor] | Sequence[torch.Tensor], r: int,
                    niter: int | None = 4, *, tol: float | None = None, like_svd_lowrank: int | None = None,
                    inplace: bool = False, method: str | None = None,
-                   oversample: int | None = None, normalizer: str = "cholqr2", seed: int = 0,
+                   oversample: int | None = None, normalizer: str = "cholqr2", seed: int | Mapping[Any, int] = 0,
                    generator: torch.Generator | None = None, estimate: bool | None = None,
                    max_batch_bytes: int | None = None, progress: bool = False, _single: bool = False):
     """decompose() for many weights at once: a dict name -> tensor (returns a dict) or a list
@@ -240,6 +248,9 @@ def decompose_many(weights: Mapping[Any, torch.Tensor] | Sequence[torch.Tensor],
     memory allows; 0 on CPU, i.e. one matrix per call, which keeps the working set to one matrix's
     factors) is split into balanced chunks. Each weight gets a test
     matrix drawn from `seed` exactly as decompose() would, so results match per-weight calls.
+    seed may also be a mapping key -> int (a dict's keys, a list's indices): each weight's own seed,
+    e.g. {name: pissa_fast.distributed.weight_seed(0, name)}, so a weight's result depends on nothing
+    else in the call (`pissa-fast init` does this: the same files on any number of ranks).
     Every weight is validated, and every factor computed, before any residual is written.
     """
     _check_args(r, niter, method, oversample, normalizer, seed, generator)
@@ -262,6 +273,11 @@ def decompose_many(weights: Mapping[Any, torch.Tensor] | Sequence[torch.Tensor],
         return {} if is_map else []
     for key, w in items:
         _check_weight(None if _single else key, w, r, inplace)
+    if isinstance(seed, Mapping):
+        missing = next((key for key, _ in items if key not in seed), None)
+        if missing is not None:
+            raise ValueError(f"seed is a mapping of per-weight seeds but has no entry for "
+                             f"{_name(None if _single else missing)}")
     if inplace:  # views of one storage are fine (a fused qkv's slices) as long as they are disjoint
         spans = []
         for key, w in items:
@@ -272,18 +288,21 @@ def decompose_many(weights: Mapping[Any, torch.Tensor] | Sequence[torch.Tensor],
         for a, b in zip(spans, spans[1:]):
             if a[0] == b[0] and b[1] < a[2]:
                 raise ValueError(f"inplace=True: {_name(b[3])} overlaps {_name(a[3])} in memory")
+        # --- pissa_fast.memory (peft backend, i9): file-backed weights populated before the passes ---
+        prepare_inplace([w for _, w in items], [_name(None if _single else key) for key, _ in items])
 
     meth = "exact" if niter is None else (method or "krylov")
     nit = 0 if niter is None else int(niter)
     p = default_oversample(r, niter, meth) if oversample is None else int(oversample)
 
-    # Test matrices, drawn in the caller's order, each from `seed` as decompose() would.
+    # Test matrices, drawn in the caller's order, each from its seed as decompose() would.
     plans = []
     for idx, (key, w) in enumerate(items):
         mat, transposed, copied = _layout(w)
         n = mat.shape[1]
         l = min(r + p, n)
-        gen = generator if generator is not None else torch.Generator().manual_seed(int(seed))
+        own = seed[key] if isinstance(seed, Mapping) else seed
+        gen = generator if generator is not None else torch.Generator().manual_seed(int(own))
         acc = torch.float64 if w.dtype == torch.float64 else torch.float32
         omega = _draw(gen, n, l, acc, w.device)
         plans.append(dict(key=key, w=w, mat=mat, transposed=transposed, copied=copied, omega=omega))

@@ -30,3 +30,8 @@ class NativeLibraryMissing(ImportError):
                 raise NativeLibraryMissing(cause, f"{module}.{name}")
             raise AttributeError(f"module {module!r} has no attribute {name!r}")
         return __getattr__
+
+
+class Cancelled(Exception):
+    """Work stopped early because another rank of the job failed (pissa_fast.distributed.team): the
+    other rank's error is the one reported, not this."""

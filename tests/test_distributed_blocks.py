@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pissa_fast.distributed import assign_by_bytes, from_env, rounds, seed_for, weight_seed
+from pissa_fast.distributed import assign_by_bytes, from_env, rounds, seed_for, weight_seed, weight_seeds
 from pissa_fast.distributed.hook import wants
 from pissa_fast.distributed.launch import device_and_backend
 from pissa_fast.distributed.shards import Flat, Rect, check_tiling
@@ -40,10 +40,12 @@ def test_weight_seed_ignores_python_hash_randomization():
         assert int(out) == 9033875551126070272
 
 
-def test_seed_for_names_dict_keys_and_keeps_the_seed_for_lists():
-    assert seed_for(5, "q.weight", named=True) == weight_seed(5, "q.weight")
-    assert seed_for(5, 3, named=True) == weight_seed(5, "3")
-    assert seed_for(5, 3, named=False) == 5  # list positions change with batching: not a name
+def test_seed_for_is_cores_rule_and_weight_seeds_names_the_keys():
+    # an int seeds every weight (as pissa_fast.core does unsharded); a mapping gives each its own
+    assert seed_for(5, "q.weight") == 5 and seed_for(5, 3) == 5
+    assert seed_for({"q.weight": 9}, "q.weight") == 9
+    assert weight_seeds(5, {"q.weight": None, 3: None}) == {"q.weight": weight_seed(5, "q.weight"),
+                                                           3: weight_seed(5, "3")}
 
 
 def test_weight_seed_rejects_bad_arguments():

@@ -68,7 +68,6 @@ def _instrument():
 
 def _references(dtype, names, transpose=(), seeds=None):
     import pissa_fast
-    from pissa_fast.distributed import weight_seed
 
     ref_model = _model(dtype)
     refs = {}
@@ -76,8 +75,7 @@ def _references(dtype, names, transpose=(), seeds=None):
         w = ref_model.get_submodule(name.rsplit(".", 1)[0]).weight.detach().clone()
         if name in transpose:
             w = w.t()
-        seed = weight_seed(SEED, name) if seeds is None else seeds
-        refs[name] = pissa_fast.decompose(w, R, NITER, seed=seed)
+        refs[name] = pissa_fast.decompose(w, R, NITER, seed=SEED if seeds is None else seeds)
     return refs
 
 
@@ -144,21 +142,27 @@ def _replicate_list_and_copy():
 
 
 def _mixed(rank):
-    """A DTensor and this rank's own plain tensor (different on each rank) in one call."""
+    """A DTensor and this rank's own plain tensor (different on each rank) in one call, with an int
+    seed and with per-name seeds: each gives what one process's decompose_many gives the same dict
+    of plain tensors (sharding changes nothing, seeds included)."""
     import pissa_fast
-    from pissa_fast.distributed import weight_seed
+    from pissa_fast.distributed import weight_seeds
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
     mesh = init_device_mesh("cpu", (2,))
     full = _model(torch.float32)[0].weight.detach().clone()
     plain = torch.randn(8, 6, generator=torch.Generator().manual_seed(100 + rank))
-    plain_ref = pissa_fast.decompose(plain.clone(), R, NITER, seed=weight_seed(SEED, "mine"))
-    dt = distribute_tensor(full.clone(), mesh, [Shard(0)])
-    outs = pissa_fast.decompose_many({"0.weight": dt, "mine": plain}, R, NITER, inplace=True, seed=SEED)
-    ref = pissa_fast.decompose(full, R, NITER, seed=weight_seed(SEED, "0.weight"))
-    return {"0.weight": _compare(outs["0.weight"], ref, dt.full_tensor()),
-            "mine": _compare(outs["mine"], plain_ref, plain), "_plain_in_place": outs["mine"].residual is plain}
+    facts = {}
+    for how, seed in (("int", SEED), ("names", weight_seeds(SEED, ["0.weight", "mine"]))):
+        refs = pissa_fast.decompose_many({"0.weight": full.clone(), "mine": plain.clone()}, R, NITER, seed=seed)
+        dt = distribute_tensor(full.clone(), mesh, [Shard(0)])
+        mine = plain.clone()
+        outs = pissa_fast.decompose_many({"0.weight": dt, "mine": mine}, R, NITER, inplace=True, seed=seed)
+        facts[f"{how}:0.weight"] = _compare(outs["0.weight"], refs["0.weight"], dt.full_tensor())
+        facts[f"{how}:mine"] = _compare(outs["mine"], refs["mine"], mine)
+        facts[f"_{how}:plain_in_place"] = outs["mine"].residual is mine
+    return facts
 
 
 def _expect_failure(rank, make_call):
@@ -280,12 +284,16 @@ def test_replicate_list_and_out_of_place(ranks):
         assert f["_residual_placements"] == ["(Replicate(),)", "(Shard(dim=1),)", "(Shard(dim=0),)"]
 
 
-def test_plain_tensors_beside_dtensors_stay_local(ranks):
+@pytest.mark.parametrize("how", ["int", "names"])
+def test_plain_tensors_beside_dtensors_stay_local_and_seeds_mean_the_same_sharded(ranks, how):
+    """An int seed and per-name seeds (weight_seeds) give a DTensor in a dict the factors one
+    process's decompose_many gives the same dict of plain tensors."""
     per_rank = _facts(ranks, "mixed")
-    _assert_matches_reference(per_rank, ["0.weight"])
+    _assert_matches_reference(per_rank, [f"{how}:0.weight"])
     for f in per_rank:
-        assert f["mine"]["A"] and f["mine"]["B"] and f["mine"]["res_err"] <= RES_ULPS and f["_plain_in_place"]
-    assert per_rank[0]["mine"]["digest"] != per_rank[1]["mine"]["digest"]  # each rank's own weight
+        mine = f[f"{how}:mine"]
+        assert mine["A"] and mine["B"] and mine["res_err"] <= RES_ULPS and f[f"_{how}:plain_in_place"]
+    assert per_rank[0][f"{how}:mine"]["digest"] != per_rank[1][f"{how}:mine"]["digest"]  # each rank's own weight
 
 
 def test_a_failing_rank_fails_every_rank_with_its_message_and_writes_nothing(ranks):

@@ -12,8 +12,8 @@ pytest.importorskip("peft")
 pytest.importorskip("transformers")
 pytest.importorskip("bitsandbytes")
 
-# The quantized methods need in_features that are whole NF4 blocks (64) on the CPU (see
-# methods.cpu_blocksize_problem): q/o 64x64, k/v 32x64, gate/up 128x64, down 64x128.
+# Whole NF4 blocks (64) per row, so that bnb's own 2-D dequantize_4bit (the reference below) is right on
+# the CPU too: q/o 64x64, k/v 32x64, gate/up 128x64, down 64x128. Other widths: tests/test_qpissa_finetune.py.
 QUANT_DIMS = dict(hidden=64, intermediate=128)
 
 
@@ -135,15 +135,6 @@ def test_qpissa_starts_as_nf4_residual_plus_adapter_within_its_reported_error():
         for name in original:
             quantized.get_submodule(name).weight.copy_(_bnb_nf4_round_trip(original[name].float()))
     assert 1e-2 < _rel(out, ref) < _rel(_logits(quantized, ids), ref)
-
-
-def test_quantized_methods_refuse_weights_that_bnb_dequantizes_wrongly_on_cpu():
-    for name in M.QUANT_METHODS:
-        model = tiny_llama(40)  # in_features 32 and 48: not whole 64-blocks
-        before = _base_weights(model)
-        with pytest.raises(ValueError, match="in_features 32 is not a multiple of the NF4 blocksize 64"):
-            M.get_method(name).build(model, M.AdapterSettings(r=2, lora_alpha=2.0))
-        assert all(torch.equal(model.get_submodule(n).weight.double(), w) for n, w in before.items())
 
 
 def test_quantized_smoke_run_writes_their_figure_report_and_step0_facts(tiny_quant_checkpoint, tmp_path):

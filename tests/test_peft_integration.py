@@ -1,10 +1,6 @@
-"""pissa_fast.peft.get_peft_model against peft itself, on tiny transformers models built from configs."""
+"""pissa_fast.peft.get_peft_model (the drop-in) against peft itself, on tiny transformers models built from configs."""
 import hashlib
-import os
 import warnings
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("PISSA_FAST_PROGRESS", "0")
 
 import pytest
 import torch
@@ -14,6 +10,9 @@ transformers = pytest.importorskip("transformers")
 
 from peft import LoraConfig, PeftModel  # noqa: E402
 from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
+from peft_models import (  # noqa: E402
+    LLAMA_TARGETS, TOL, base_weight, lora_layers, logits, sign_aligned_diff, snapshot, targets, tiny, tokens,
+)
 
 from pissa_fast.peft import add_adapter, get_peft_model, pissa_niter  # noqa: E402
 
@@ -28,46 +27,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
-TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
-
-
-def tiny(kind="llama", dtype=torch.float32, seed=0):
-    torch.manual_seed(seed)
-    if kind == "llama":
-        cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
-                                       max_position_embeddings=64)
-        model = transformers.LlamaForCausalLM(cfg)
-    else:
-        cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64,
-                                      bos_token_id=0, eos_token_id=0)
-        model = transformers.GPT2LMHeadModel(cfg)
-    return model.to(dtype).eval()
-
-
-def targets(kind):
-    return LLAMA_TARGETS if kind == "llama" else GPT2_TARGETS
-
-
-def tokens(n=2, t=8, seed=1):
-    return torch.randint(0, 128, (n, t), generator=torch.Generator().manual_seed(seed))
-
-
-@torch.no_grad()
-def logits(model, x):
-    return model(x).logits.float()
-
-
-def lora_layers(model, adapter="default"):
-    return {n: m for n, m in model.named_modules() if isinstance(m, BaseTunerLayer) and adapter in getattr(m, "r", {})}
-
-
-def base_weight(layer):
-    w = layer.get_base_layer().weight.detach()
-    return w.t() if layer.fan_in_fan_out else w
 
 
 # ------------------------------------------------------------------------------------------------
@@ -113,12 +72,6 @@ def test_logits_preserved(kind, wdtype, init):
         assert (logits(pm, x) - ref).abs().max().item() > 10 * max(err, 1e-3)
 
 
-def _sign_aligned_diff(a1, b1, a2, b2):
-    sign = torch.sign((a1 * a2).sum(1) + (b1 * b2).sum(0))
-    sign[sign == 0] = 1
-    return max((a1 * sign[:, None] - a2).abs().max().item(), (b1 * sign - b2).abs().max().item())
-
-
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 @pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_exact_matches_peft_up_to_sign(kind, wdtype):
@@ -137,7 +90,7 @@ def test_exact_matches_peft_up_to_sign(kind, wdtype):
         scale = max(a2.abs().max().item(), b2.abs().max().item())
         # (two float32 SVDs agree to ~eps * |W| / gap, and a tiny random model has small gaps)
         tol = 1e-3 if dtype == torch.float32 else 2e-2
-        assert _sign_aligned_diff(a1, b1, a2, b2) <= tol * scale, name
+        assert sign_aligned_diff(a1, b1, a2, b2) <= tol * scale, name
         w1, w2 = base_weight(l1).float(), base_weight(l2).float()
         assert (w1 - w2).abs().max().item() <= (1e-4 if dtype == torch.float32 else 2e-2) * w2.abs().max().item()
 
@@ -225,7 +178,7 @@ def test_several_adapters():
         for name in mine:
             a1, b1 = (mine[name].lora_A[adapter].weight.detach(), mine[name].lora_B[adapter].weight.detach())
             a2, b2 = (other[name].lora_A[adapter].weight.detach(), other[name].lora_B[adapter].weight.detach())
-            assert _sign_aligned_diff(a1, b1, a2, b2) <= 1e-4 * a2.abs().max().item()
+            assert sign_aligned_diff(a1, b1, a2, b2) <= 1e-4 * a2.abs().max().item()
     ours.base_model.set_adapter(["default", "second"])
     torch.testing.assert_close(logits(ours, x), ref, rtol=0, atol=1e-4)
 
@@ -276,11 +229,6 @@ def test_model_loaded_from_checkpoint_is_not_written(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # bad configs: a clear error, nothing written, the model as it was
 
-def _snapshot(model):
-    return ({k: v.detach().clone() for k, v in model.state_dict().items()},
-            {k: p.requires_grad for k, p in model.named_parameters()})
-
-
 def _assert_untouched(model, snap, tuner_layers=0):
     weights, grads = snap
     assert sum(isinstance(m, BaseTunerLayer) for m in model.modules()) == tuner_layers
@@ -330,7 +278,7 @@ def test_bad_configs(case):
     elif case == "bad_niter":
         kwargs["init_lora_weights"] = "pissa_niter_four"
         match = "pissa_niter"
-    snap = _snapshot(model)
+    snap = snapshot(model)
     with pytest.raises(ValueError, match=match):
         get_peft_model(model, LoraConfig(**kwargs))
     _assert_untouched(model, snap)
@@ -338,7 +286,7 @@ def test_bad_configs(case):
 
 def test_bad_config_on_second_adapter_keeps_first():
     pm = get_peft_model(tiny("llama"), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="pissa_niter_4"))
-    snap = _snapshot(pm)
+    snap = snapshot(pm)
     with pytest.raises(ValueError, match="larger than the layer allows"):
         add_adapter(pm, "big", LoraConfig(r=40, target_modules=["k_proj"], init_lora_weights="pissa"))
     assert "big" not in pm.peft_config
@@ -362,10 +310,39 @@ def test_cuda_model_decomposed_on_cuda():  # (no "device"/"dtype" args: conftest
 
 
 def test_progress_bar(capsys, monkeypatch):
+    import pissa_fast.peft.layers as layers
+
     monkeypatch.setenv("PISSA_FAST_PROGRESS", "1")
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        get_peft_model(tiny("llama"), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="pissa_niter_4"))
-    err = capsys.readouterr().err
+
+    def init():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            get_peft_model(tiny("llama"), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="pissa_niter_4"))
+        return capsys.readouterr().err
+
+    monkeypatch.setattr(layers, "_PROGRESS_DELAY_S", 60.0)
+    assert "PiSSA init" not in init()  # a short init prints nothing
+    monkeypatch.setattr(layers, "_PROGRESS_DELAY_S", 0.0)  # a long one: the bar
+    err = init()
     assert "PiSSA init" in err and "2/2" in err
+    monkeypatch.setenv("PISSA_FAST_PROGRESS", "0")
+    assert "PiSSA init" not in init()
+
+
+def test_seed_and_switch_state():
+    """The drop-in is seeded (seed=0 by default, whatever the global RNG), seed=None follows torch's
+    global RNG, and the backend it switches on is off again afterwards."""
+    import pissa_fast.peft
+
+    def init(global_seed, **kw):
+        model = tiny("llama")
+        torch.manual_seed(global_seed)
+        pm = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="pissa_niter_1"), **kw)
+        return torch.cat([lay.lora_A["default"].weight.detach().flatten() for lay in lora_layers(pm).values()])
+
+    assert torch.equal(init(0), init(1))
+    assert not torch.equal(init(0, seed=0), init(0, seed=5))
+    assert torch.equal(init(3, seed=None), init(3, seed=None))
+    assert not torch.equal(init(3, seed=None), init(4, seed=None))
+    assert not pissa_fast.peft.is_enabled()

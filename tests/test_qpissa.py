@@ -51,6 +51,26 @@ def test_chunked_quantize_is_bnbs_whole_tensor_call(qdtype, double_quant, shape,
     assert torch.equal(nf4.dequantize(p, st), bnb_F.dequantize_4bit(p0, st0))
 
 
+def reference_dequantize(packed, state):
+    """code[nibble] * absmax of its block, blocks running over the flattened tensor (bnb's quantizer and
+    CUDA kernels), in plain torch."""
+    b = packed.reshape(-1).long()
+    q = torch.stack([b >> 4, b & 15], 1).reshape(-1)[:state.shape.numel()]
+    absmax = state.absmax.float().repeat_interleave(state.blocksize)[:q.numel()]
+    return (state.code.float()[q] * absmax).reshape(state.shape).to(state.dtype)
+
+
+@pytest.mark.parametrize("quant", ["nf4", "fp4"])
+@pytest.mark.parametrize("shape", [(64, 96), (64, 160), (37, 101), (96, 128)])
+def test_dequantize_follows_the_quantizers_block_layout(quant, shape):
+    """bnb 0.50's native CPU dequantize kernel indexes some shapes whose last dimension is not a multiple
+    of the blocksize (64 x 96, 64 x 160) by another block layout than its quantizer's; nf4.dequantize
+    gives what the quantizer meant (and what CUDA computes) for every shape."""
+    x = torch.randn(shape, dtype=torch.bfloat16) * 0.03
+    p, st = nf4.quantize(x, QuantSpec(quant))
+    assert torch.equal(nf4.dequantize(p, st), reference_dequantize(p, st))
+
+
 @pytest.mark.parametrize("qdtype", QDTYPES, ids=QIDS)
 def test_dequantized_tensor_is_a_fixed_point_in_its_own_dtype(qdtype):
     dtype = qdtype
@@ -80,7 +100,7 @@ def test_residual_is_exactly_nf4_representable(device, qdtype):
     assert out.exact is True
     assert nf4.round_trip_exact(out.residual, QuantSpec())  # bnb's own whole-tensor quantize_4bit
     p, st = out.codes
-    assert torch.equal(bnb_F.dequantize_4bit(p, st), out.residual)
+    assert torch.equal(reference_dequantize(p, st), out.residual)
     assert out.A.shape == (8, 160) and out.B.shape == (96, 8) and out.S.shape == (8,)
 
 
@@ -128,17 +148,23 @@ def test_reported_error_matches_float64_measure():
 
 
 @pytest.mark.parametrize("qdtype", QDTYPES, ids=QIDS)
-def test_one_round_is_within_the_nf4_bound(qdtype):
+@pytest.mark.parametrize("scales", ["absmax", "search"])
+def test_one_round_is_within_the_nf4_bound(qdtype, scales):
     """R = nf4(W - B0 A0) with B0 A0 PiSSA's factors of W: elementwise within half the largest gap
-    between adjacent NF4 codes times the block's absmax (plus the rounding of R to W's dtype), and the
-    refit (A, B) = top-r(W - R) can only lower the error."""
+    between adjacent NF4 codes times the block's absmax (plus the rounding of R to W's dtype); with
+    searched scales s >= 0.75 absmax, within max(half gap x absmax, the clipped 0.25 absmax). The refit
+    (A, B) = top-r(W - R) can only lower the error."""
+    from pissa_fast.quant.fit import SCALE_CANDIDATES
+
     dtype = qdtype
     W = llm_like(96, 128, dtype, seed=5)
     r, bs = 8, 64
-    out = qpissa(W, r, 4, iters=1, blocksize=bs)
+    out = qpissa(W, r, 4, iters=1, blocksize=bs, scales=scales)
     X = pissa_fast.decompose(W, r, 4).residual  # what round 1 quantized: same seed, same factors
     code = bnb_F.get_4bit_type("nf4", device="cpu")
     half_gap = float(((code[1:] - code[:-1]) / 2).max())
+    if scales == "search":
+        half_gap = max(half_gap, 1 - min(SCALE_CANDIDATES))
     amax = block_absmax(X, bs)
     bound = half_gap * amax + amax * torch.finfo(dtype).eps
     dev = (X.float() - out.residual.float()).abs()
@@ -203,6 +229,8 @@ BAD = [
     (dict(double_quant="yes"), TypeError, "double_quant must be a bool"),
     (dict(niter=-1), ValueError, "niter"),
     (dict(W=torch.zeros(4, 5, 6, dtype=torch.bfloat16)), ValueError, "2-D"),
+    (dict(start="loftq"), ValueError, "start must be one of"),
+    (dict(scales="mse"), ValueError, "scales must be one of"),
 ]
 
 

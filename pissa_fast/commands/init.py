@@ -40,14 +40,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-modules", nargs="+", required=True, metavar="T",
                    help="as in peft's LoraConfig: module-name suffixes (q_proj,v_proj or q_proj v_proj), one regex "
                         "(full match, e.g. '.*\\.(q|v)_proj'), or all-linear")
-    p.add_argument("--r", type=int, default=16, help="LoRA rank (default 16)")
+    p.add_argument("--r", "--lora-rank", dest="r", type=int, default=16,
+                   help="LoRA rank (default 16); spell it --lora-rank after torchrun, whose parser reads --r as an "
+                        "abbreviation of its own options")
     p.add_argument("--alpha", "--lora-alpha", dest="alpha", type=float, default=None,
                    help="lora_alpha (default: r, i.e. scaling 1)")
     p.add_argument("--niter", type=niter_type, default=4,
                    help="applications of W^T W in the randomized SVD, or 'exact' (default 4)")
     p.add_argument("--use-rslora", action="store_true", help="scaling = alpha / sqrt(r) (peft's use_rslora)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random test matrices (default 0)")
-    p.add_argument("--device", default="cpu", help="where to decompose: cpu (default), cuda, cuda:1, ...")
+    p.add_argument("--device", default=None,
+                   help="where to decompose: cpu (the default), cuda, cuda:1, ...; under torchrun each rank's own "
+                        "(cuda:LOCAL_RANK where its host has CUDA, else cpu)")
     p.add_argument("--max-memory", type=size_type, default=DEFAULT_MAX_MEMORY,
                    help="bytes of weights in memory at once, e.g. 2GiB (default; one tensor is always allowed)")
     p.add_argument("--threads", type=int, default=None, help="torch threads for the decomposition (default: torch's)")
@@ -59,6 +63,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", default=None, help="Hugging Face cache folder (default: huggingface_hub's)")
     p.add_argument("--report-error", type=int, nargs="?", const=4, default=0, metavar="N",
                    help="report the error against the exact SVD on N sampled layers (default N 4; slow)")
+    q = p.add_argument_group("QPiSSA (4-bit residual; needs bitsandbytes: pip install 'pissa_fast[quant]')")
+    q.add_argument("--quantize", choices=("nf4", "fp4"), default=None,
+                   help="write a bf16 residual that is exactly representable in this bitsandbytes 4-bit format, "
+                        "with the adapter fitted to it (QPiSSA); load it with the BitsAndBytesConfig printed at the "
+                        "end")
+    q.add_argument("--qpissa-iters", type=int, default=None, metavar="T",
+                   help="QPiSSA rounds R = quant(W - BA), BA = top-r(W - R) (default 5; the best round is kept)")
+    q.add_argument("--qpissa-start", choices=("pissa", "quantized", "best"), default=None,
+                   help="QPiSSA's start: pissa (the paper's: PiSSA's factors), quantized (LoftQ's: B A = 0) or best "
+                        "(both, the lower error kept per weight; twice the work). Default: pissa")
+    q.add_argument("--qpissa-scales", choices=("search", "absmax"), default=None,
+                   help="NF4 block scales: search (per block the error-minimizing scale, still exact under "
+                        "bitsandbytes) or absmax (bitsandbytes' own rounding, the paper's). Default: search")
+    q.add_argument("--double-quant", action="store_true",
+                   help="bitsandbytes' double quantization of the block scales (bnb_4bit_use_double_quant)")
+    q.add_argument("--quant-blocksize", type=int, default=None, metavar="N",
+                   help="only 64: transformers' BitsAndBytesConfig has no blocksize option and always uses 64")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the run's numbers as JSON to PATH")
 
 
@@ -76,13 +97,16 @@ def run(args) -> int:
                                      niter=args.niter, use_rslora=args.use_rslora, seed=args.seed, device=args.device,
                                      max_memory=args.max_memory, overwrite=args.overwrite,
                                      trust_remote_code=args.trust_remote_code, revision=args.revision,
-                                     cache_dir=args.cache_dir, report_error=args.report_error, threads=args.threads)
+                                     cache_dir=args.cache_dir, report_error=args.report_error, threads=args.threads,
+                                     quantize=args.quantize, qpissa_iters=args.qpissa_iters,
+                                     quant_blocksize=args.quant_blocksize, double_quant=args.double_quant,
+                                     qpissa_start=args.qpissa_start, qpissa_scales=args.qpissa_scales)
         except KeyboardInterrupt:
             print(f"\npissa-fast init: interrupted; finished shards are kept in {os.path.join(args.out, STAGING)}: "
                   f"rerun the same command to resume", file=sys.stderr)
             return 130
         print(result)
-        if args.json:
+        if args.json and result.rank == 0:  # under torchrun, rank 0 reports the run
             data = {k: v for k, v in asdict(result).items() if k != "errors"}
             data["errors"] = {m: asdict(e) for m, e in result.errors}
             with open(args.json, "w") as fh:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import numbers
+from collections.abc import Mapping
 
 _DOMAIN = b"pissa_fast.weight_seed.v1"  # changing the derivation must change this tag
 
@@ -28,13 +29,23 @@ def weight_seed(seed: int, name: str) -> int:
 
 
 def key_name(key) -> str:
-    """The name a decompose_many dict key stands for: the key itself when it is a str (a parameter
-    name), else its repr (ints, tuples)."""
+    """The name a decompose_many key stands for: the key itself when it is a str (a parameter name),
+    else its repr (ints, tuples)."""
     return key if isinstance(key, str) else repr(key)
 
 
-def seed_for(seed: int, key, named: bool) -> int:
-    """Seed of one weight of a decompose_many call: weight_seed(seed, key) for a dict (named weights);
-    `seed` itself for a list, whose positions are not names (they change with batching), exactly as
-    the single-process path draws every weight's test matrix from `seed`."""
-    return weight_seed(seed, key_name(key)) if named else int(seed)
+def weight_seeds(seed: int, keys) -> dict:
+    """{key: weight_seed(seed, name of key)} for decompose_many's mapping form of `seed` (keys: a dict
+    of weights or its keys), so each weight's test matrix depends on its name alone, the same in one
+    process and sharded over any number of ranks: decompose_many(ws, r, seed=weight_seeds(0, ws))."""
+    return {k: weight_seed(seed, key_name(k)) for k in keys}
+
+
+def seed_for(seed, key) -> int:
+    """Seed of one weight of a decompose_many call, exactly as pissa_fast.core draws it for unsharded
+    weights: seed[key] when seed is a mapping of per-weight seeds, else `seed` itself (every weight's
+    test matrix from a generator of its own seeded with it). So a dict or list gives the same factors
+    sharded or not; per-name seeds are the mapping, e.g. weight_seeds(seed, weights)."""
+    if isinstance(seed, Mapping):
+        return int(seed[key])
+    return int(seed)

@@ -4,9 +4,10 @@ Every rank of the job calls it with the same sharded weights in the same order (
 runs the same peft call on its part of one model). Then, for each weight:
   1. one owner rank, chosen by bytes (assign_by_bytes), receives the other ranks' shards: a gather to
      that rank only, so no rank ever holds more than one full weight beyond its own shards;
-  2. the owner decomposes it with pissa_fast.core, exactly as one process would, the test matrix
-     drawn from weight_seed(seed, name) (dict keys) or `seed` (lists), so the result depends neither
-     on the number of ranks nor on batching;
+  2. the owner decomposes it with pissa_fast.core, exactly as one process would: the test matrix
+     drawn from a generator seeded with `seed`, or with seed[key] when seed is a mapping of per-weight
+     seeds (e.g. weight_seeds(seed, weights): per-name seeds), as core does for unsharded weights, so
+     the result depends neither on the number of ranks nor on batching nor on sharding;
   3. the owner broadcasts A, B, S: every rank holds the same bits by construction;
   4. once every factor of every weight is in, each rank writes its own shard of W - B A in place.
 Weights are processed in rounds holding one weight per owner, so all ranks decompose at once. A
@@ -92,7 +93,13 @@ def decompose_sharded(weights, r, niter=4, *, inplace=False, method=None, oversa
     def validate():
         if generator is not None:
             raise TypeError("generator= cannot be used with sharded weights (each rank would draw from its own "
-                            "stream); pass seed=: each weight's test matrix comes from weight_seed(seed, name)")
+                            "stream); pass seed= (an int, or a mapping key -> int such as "
+                            "pissa_fast.distributed.weight_seeds(seed, weights))")
+        if isinstance(seed, Mapping):
+            missing = next((key for key, _ in items if key not in seed), None)
+            if missing is not None:
+                raise ValueError(f"seed is a mapping of per-weight seeds but has no entry for "
+                                 f"{_name(missing, _single)}")
         shards = [describe(key, _name(key, _single), w, r, inplace) for key, w in items]
         if inplace:
             check_disjoint(shards)
@@ -138,7 +145,7 @@ def decompose_sharded(weights, r, niter=4, *, inplace=False, method=None, oversa
             out, error = None, None
             if sh is not None:
                 def factor():
-                    d = decompose(full, r, niter, inplace=True, seed=seed_for(seed, sh.key, is_map), **opts)
+                    d = decompose(full, r, niter, inplace=True, seed=seed_for(seed, sh.key), **opts)
                     return d.A, d.B, d.S  # not d.residual: the buffer must go before the next round's
 
                 out, error = _owner_step(factor)
@@ -162,7 +169,7 @@ def decompose_sharded(weights, r, niter=4, *, inplace=False, method=None, oversa
         for i, sh in enumerate(shards):
             if sh.kind == LOCAL:
                 d = decompose(sh.local.clone() if inplace else sh.local, r, niter, inplace=inplace,
-                              seed=seed_for(seed, sh.key, is_map), **opts)
+                              seed=seed_for(seed, sh.key), **opts)
                 # in place: keep the factors only, so one copy of a weight exists at a time
                 local_out[i] = (d.A, d.B, d.S) if inplace else d
                 del d

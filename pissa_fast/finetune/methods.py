@@ -82,14 +82,15 @@ def lora_config(settings: AdapterSettings, init_lora_weights):
 
 
 def pissa_peft_model(model, config):
-    """PiSSA through pissa_fast's peft backend: the one place the benchmark enters it.
+    """PiSSA through pissa_fast's peft backend, as a trainer gets it: peft's own get_peft_model with
+    the backend switched on for this call (test matrices seeded from torch's global RNG, which the
+    benchmark seeds; pissa_niter_N as an accuracy promise). The one place the benchmark enters it."""
+    import peft
 
-    Today the backend is the drop-in `pissa_fast.peft.get_peft_model`. Once `pissa_fast.peft.enabled()`
-    lands, this body becomes `with pissa_fast.peft.enabled(): return peft.get_peft_model(model, config)`.
-    """
-    from pissa_fast.peft import get_peft_model
+    import pissa_fast.peft
 
-    return get_peft_model(model, config)
+    with pissa_fast.peft.enabled():
+        return peft.get_peft_model(model, config)
 
 
 def component_slice(k: int, r: int, which: str) -> slice:
@@ -171,7 +172,7 @@ def adapter_layers(peft_model, adapter_name: str = "default") -> list:
             if isinstance(layer, LoraLayer) and adapter_name in layer.r]
 
 
-def _quantizable_weight(name: str, layer, blocksize: int) -> torch.Tensor:
+def _quantizable_weight(name: str, layer) -> torch.Tensor:
     w = layer.get_base_layer().weight
     if layer.fan_in_fan_out:
         raise TypeError(f"{name}: a Conv1D (fan_in_fan_out) base layer stores W transposed; the quantized "
@@ -179,23 +180,7 @@ def _quantizable_weight(name: str, layer, blocksize: int) -> torch.Tensor:
     if w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"{name}: base weight of dtype {w.dtype} cannot be NF4-quantized (float32, float16 or "
                         f"bfloat16 expected)")
-    problem = cpu_blocksize_problem(name, tuple(w.shape), w.device.type, blocksize)
-    if problem:
-        raise ValueError(problem)
     return w
-
-
-def cpu_blocksize_problem(name: str, shape: tuple[int, int], device_type: str, blocksize: int) -> str | None:
-    """Why a weight cannot be NF4-quantized correctly here, or None.
-
-    bitsandbytes 0.50.2's native CPU dequantize_4bit starts a block at every row while quantize_4bit lays
-    blocks over the flattened tensor: with in_features not a multiple of the blocksize the two disagree and
-    the "quantized" weight is off by 2-4x NF4's own error (measured on 16x32 to 64x96 weights)."""
-    if device_type == "cpu" and shape[-1] % blocksize:
-        return (f"{name}: in_features {shape[-1]} is not a multiple of the NF4 blocksize {blocksize}; "
-                f"bitsandbytes' CPU dequantize_4bit gives wrong values for such weights, so qlora/qpissa cannot "
-                f"run on this model on the CPU")
-    return None
 
 
 def _record(stats: dict | None, **facts) -> None:
@@ -212,7 +197,7 @@ def quantize_base_weights(peft_model, stats: dict | None = None, adapter_name: s
 
     spec, errors = quant_spec(), []
     layers = adapter_layers(peft_model, adapter_name)
-    weights = [_quantizable_weight(name, layer, spec.blocksize) for name, layer in layers]  # all checked first
+    weights = [_quantizable_weight(name, layer) for name, layer in layers]  # all checked first
     for w in weights:
         q = qlora(w, spec)
         errors.append(quant_error(w.detach(), q))
@@ -234,7 +219,7 @@ def init_qpissa(peft_model, r: int, niter: int | None, iters: int, stats: dict |
 
     spec = quant_spec()
     layers = adapter_layers(peft_model, adapter_name)
-    weights = [_quantizable_weight(name, layer, spec.blocksize) for name, layer in layers]  # all checked first
+    weights = [_quantizable_weight(name, layer) for name, layer in layers]  # all checked first
     errors, by_round, exact = [], [], []
     for lo in range(0, len(layers), QPISSA_GROUP):
         group = layers[lo:lo + QPISSA_GROUP]

@@ -146,11 +146,6 @@ def _run(out, model, cache_dir, methods, ranks, steps, batch_size, lr, lora_alph
     smallest = min(min(s) for _, s in shapes)
     if max(ranks) > smallest:
         raise ValueError(f"ranks: r = {max(ranks)} exceeds the smallest targeted weight dimension {smallest} of {path}")
-    if any(m in M.QUANT_METHODS for m in methods):  # before any run, not when the first quantized one starts
-        for lname, shape in shapes:
-            problem = M.cpu_blocksize_problem(lname, shape, "cpu", M.quant_spec().blocksize)
-            if problem:
-                raise ValueError(f"model {path}: {problem}")
     source = os.path.join(path, "pissa_fast_source.json")
     if os.path.isfile(source):
         with open(source) as f:

@@ -13,11 +13,20 @@ a residual it was not made for:
 
 An interruption anywhere leaves either the old pair, or no adapter next to a staging folder that
 `pissa-fast verify` reports and a rerun finishes.
+
+Under torchrun every rank writes its shards into the same staging folder, so OUT must be on a
+filesystem all ranks share: rank 0 leaves a token there (team.json) that every other rank must read
+back before it writes anything, and rank 0 waits until every rank's shards show before it finishes
+(a network filesystem may show another host's new files a little late).
 """
 from __future__ import annotations
 
 import json
 import os
+import socket
+import time
+import uuid
+from collections.abc import Callable
 
 from ..errors import CheckpointError
 from ..hf.checkpoint import INDEX_SUFFIX
@@ -25,6 +34,8 @@ from ..io.staging import fsync_dir, is_tmp, remove, write_text
 from ..pairing import ADAPTER_DIR, STAGING
 
 RUN_FILE = "run.json"
+TEAM_FILE = "team.json"
+VISIBLE_TIMEOUT_S = 120.0  # NFS caches directory entries for up to 60 s by default (acdirmax)
 MOVING = "moving"
 MANIFEST = "manifest.json"
 STAGED_ADAPTER = "adapter"
@@ -114,3 +125,49 @@ def move_into_place(staging: str, out: str, residual_dir: str) -> None:
         fsync_dir(out)
     remove(staging)
     fsync_dir(out)
+
+
+def write_team(staging: str, world_size: int) -> str:
+    """Rank 0: a fresh token in the staging folder, which every rank must read back (check_team)."""
+    token = uuid.uuid4().hex
+    write_text(os.path.join(staging, TEAM_FILE), json.dumps({"token": token, "world_size": world_size,
+                                                              "host": socket.gethostname()}))
+    return token
+
+
+def _poll(ready: Callable[[], bool], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def check_team(staging: str, token: str, rank: int, timeout_s: float | None = None) -> None:
+    """This rank sees the staging folder rank 0 prepared, i.e. OUT is shared with rank 0. Raises
+    CheckpointError after timeout_s (default VISIBLE_TIMEOUT_S) otherwise, before this rank writes."""
+    path = os.path.join(staging, TEAM_FILE)
+    timeout_s = VISIBLE_TIMEOUT_S if timeout_s is None else timeout_s
+
+    def ready() -> bool:
+        try:
+            with open(path) as fh:
+                return json.load(fh).get("token") == token
+        except (OSError, ValueError):
+            return False
+
+    if not _poll(ready, timeout_s):
+        raise CheckpointError(f"rank {rank} (host {socket.gethostname()}) does not see {path}, which rank 0 wrote: "
+                              f"OUT must be one folder that every rank shares, at the same path (a network "
+                              f"filesystem such as NFS or Lustre when the ranks are on several hosts)")
+
+
+def wait_visible(staging: str, shards: list, done: Callable[[str], bool], timeout_s: float | None = None) -> None:
+    """Rank 0: wait until every shard the ranks reported finished shows complete in staging."""
+    timeout_s = VISIBLE_TIMEOUT_S if timeout_s is None else timeout_s
+    for shard in shards:
+        if not _poll(lambda: done(shard), timeout_s):
+            raise CheckpointError(f"{shard}: another rank reported it finished, but rank 0 (host "
+                                  f"{socket.gethostname()}) does not see it complete in {staging} after "
+                                  f"{timeout_s:.0f} s: is OUT one folder that every rank shares?")

@@ -12,7 +12,8 @@ the weights in memory at once (loaded, being transformed, waiting to be written)
 to one tensor when a single tensor is larger. Each shard is staged under a temporary name and
 renamed when complete, with its factors (and their pairing fingerprints) beside it: a rerun skips
 finished shards. An error in any thread stops the others and is raised in the caller's thread;
-Ctrl-C or SIGTERM there stops the workers, which remove their unfinished files.
+Ctrl-C or SIGTERM there stops the workers, which remove their unfinished files, and so does `cancel`
+(another rank of a torchrun job failed): checked before each group, it raises errors.Cancelled.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 
 from .. import pairing
-from ..errors import CheckpointError
+from ..errors import Cancelled, CheckpointError
 from ..io.safetensors import ShardWriter, load_tensor, read_header, save_small
 
 RESIDUAL = "residual"  # staging subfolders
@@ -96,10 +97,12 @@ class _Budget:
 
 
 def run_jobs(jobs: list, transform, staging: str, *, max_memory: int, progress: bool = False,
-             early: dict | None = None) -> RunStats:
+             early: dict | None = None, cancel: threading.Event | None = None, desc: str = "pissa-fast init") -> RunStats:
     """Transform and write every job into staging/residual and staging/factors. See the module doc.
     early: {key: speculate.Early} of targets already transformed (they count against max_memory
-    until written); consumed: each entry is removed as it is used, so its memory goes with it."""
+    until written); consumed: each entry is removed as it is used, so its memory goes with it.
+    cancel: when set (by another thread), the run stops before its next group and raises Cancelled;
+    the shards finished so far stay in staging."""
     early = early if early is not None else {}
     early_keys = frozenset(early)  # the reader's view; the caller's thread pops results as it uses them
     os.makedirs(os.path.join(staging, RESIDUAL), exist_ok=True)
@@ -116,7 +119,7 @@ def run_jobs(jobs: list, transform, staging: str, *, max_memory: int, progress: 
     from tqdm.auto import tqdm
 
     bar = tqdm(total=sum(j.nbytes for j in jobs), unit="B", unit_scale=True, unit_divisor=1024,
-               desc="pissa-fast init", disable=not progress)
+               desc=desc, disable=not progress)
 
     def put(q, item):
         while True:
@@ -128,10 +131,12 @@ def run_jobs(jobs: list, transform, staging: str, *, max_memory: int, progress: 
             except queue.Full:
                 pass
 
-    def get(q):
+    def get(q, cancellable=False):
         while True:
             if stop.is_set():
                 raise _Stop
+            if cancellable and cancel is not None and cancel.is_set():
+                raise Cancelled("another rank failed")
             try:
                 return q.get(timeout=_POLL)
             except queue.Empty:
@@ -213,7 +218,7 @@ def run_jobs(jobs: list, transform, staging: str, *, max_memory: int, progress: 
     def consume():
         while True:
             t0 = time.perf_counter()
-            item = get(loaded)
+            item = get(loaded, cancellable=True)
             stats.wait_s += time.perf_counter() - t0
             if item is None:
                 put(to_write, None)

@@ -3,8 +3,8 @@
 Every output shard is a ShardJob: the input shard of the same name, the layout of the output file
 (same tensors, same order; a target's dtype is the transform's residual dtype) and its targets in
 groups of bounded size. A job is written by exactly one worker and carries its size in bytes, so
-jobs can be split across workers balanced by bytes (`split_by_bytes`, what `torchrun -m pissa_fast
-init` will use) and the results do not depend on the split.
+jobs can be split across workers balanced by bytes (`split_by_bytes`: the ranks of `torchrun -m
+pissa_fast init`) and the results do not depend on the split.
 """
 from __future__ import annotations
 
@@ -94,15 +94,23 @@ def make_plan(ckpt: Checkpoint, tplan: TargetPlan, residual_code, group_bytes: i
     return InitPlan(ckpt, tplan, jobs)
 
 
+def split_shards(sizes: list, workers: int) -> list:
+    """[(shard, bytes)] dealt to `workers` lists of shard names: largest first to the least loaded
+    worker, ties to the lower worker and the earlier shard (distributed.assign_by_bytes), each list
+    in the given order. Deterministic, so every rank computes the same split without talking."""
+    from ..distributed.assign import assign_by_bytes
+
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an int >= 1, got {workers!r}")
+    owners = assign_by_bytes([int(n) for _, n in sizes], workers)
+    parts: list = [[] for _ in range(workers)]
+    for (shard, _), owner in zip(sizes, owners):
+        parts[owner].append(shard)
+    return parts
+
+
 def split_by_bytes(jobs: list, workers: int) -> list:
-    """Jobs dealt to `workers` lists, largest first to the least loaded (deterministic), so every
-    worker gets about the same number of bytes."""
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
-    loads = [[0, i, []] for i in range(workers)]
-    for job in sorted(jobs, key=lambda j: (-j.nbytes, j.shard)):
-        least = min(loads, key=lambda x: (x[0], x[1]))
-        least[0] += job.nbytes
-        least[2].append(job)
-    order = {j.shard: i for i, j in enumerate(jobs)}
-    return [sorted(x[2], key=lambda j: order[j.shard]) for x in loads]
+    """Jobs dealt to `workers` lists as split_shards deals their shards (by ShardJob.nbytes), so a
+    split made from the checkpoint's headers before the plan exists is the same split."""
+    by_name = {j.shard: j for j in jobs}
+    return [[by_name[s] for s in part] for part in split_shards([(j.shard, j.nbytes) for j in jobs], workers)]

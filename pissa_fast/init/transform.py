@@ -7,9 +7,9 @@ prefetching, writing, staging, resuming) does not care how the factors are found
 
 - PissaTransform: PiSSA's top-r factors, W = residual + scaling * lora_B lora_A, through
   pissa_fast.decompose_many (batched, in place).
-- a QPiSSA transform (`init --quantize nf4 --qpissa-iters T`) plugs in here: it returns an
-  NF4-representable residual (residual_code may then differ from the stored dtype; the output
-  layout follows it) and the factors fitted to it.
+- QPissaTransform (`init --quantize nf4 --qpissa-iters T`): a bf16 residual that a bitsandbytes
+  4-bit load reproduces bit for bit, and the factors fitted to it (pissa_fast.qpissa_many). Its
+  residual_code is BF16 whatever the stored dtype; the output layout follows it.
 
 Results must not depend on how weights are grouped (or, later, on which rank runs a group): every
 weight's random test matrix comes from weight_seed(seed, name) alone.
@@ -43,14 +43,18 @@ class Transform(Protocol):
     def __call__(self, weights: dict[str, torch.Tensor], targets: dict[str, Target]) -> dict[str, Factors]:
         """Factors and residual of every weight of one group (weights may be overwritten in place)."""
 
+    def adapter_files(self) -> dict[str, str]:
+        """Extra files (name -> text) for the adapter folder; the same on every process."""
+
 
 def weight_seed(seed: int, name: str) -> int:
-    """The seed of one weight's random test matrix. Today every weight draws from the run's seed, as
-    pissa_fast.decompose(w, seed=seed) and the peft drop-in do, so the CLI's adapter is the drop-in's
-    bit for bit; the name is in the signature so a per-weight stream can come without touching the
-    callers. Either way the result depends on (seed, name) only, never on grouping or ranks."""
-    del name
-    return int(seed)
+    """The seed of one weight's random test matrix: pissa_fast.distributed.weight_seed(seed, name) of
+    its checkpoint name, as decompose_many derives it for sharded weights. The result depends on
+    (seed, name) only, never on grouping, on ranks or on which other weights share a call; it equals
+    pissa_fast.decompose(w, seed=weight_seed(seed, name))."""
+    from ..distributed.seeding import weight_seed as derive
+
+    return derive(int(seed), name)
 
 
 @dataclass
@@ -75,6 +79,9 @@ class PissaTransform:
     def residual_code(self, target: Target) -> str:
         return target.dtype
 
+    def adapter_files(self) -> dict[str, str]:
+        return {}
+
     def run_key(self) -> dict:
         return {"method": "pissa", "r": self.r, "lora_alpha": self.lora_alpha, "niter": self.niter,
                 "use_rslora": self.use_rslora, "seed": self.seed, "device": self.device.type}
@@ -86,12 +93,9 @@ class PissaTransform:
         work = {k: (w if on_cpu else w.to(self.device, non_blocking=True)) for k, w in weights.items()}
         mats = {k: (w.t() if targets[k].transposed else w) for k, w in work.items()}  # (out, in)
         originals = {k: m.clone() for k, m in mats.items() if k in self.report_error}
-        seeds = {weight_seed(self.seed, k) for k in mats}
         t0 = time.perf_counter()
-        outs = {}
-        for s in sorted(seeds):  # one call per seed: one call in all while the seed is shared
-            part = {k: m for k, m in mats.items() if weight_seed(self.seed, k) == s}
-            outs.update(decompose_many(part, self.r, self.niter, inplace=True, seed=s))
+        seeds = {k: weight_seed(self.seed, k) for k in mats}  # one call; each weight's result is its own
+        outs = decompose_many(mats, self.r, self.niter, inplace=True, seed=seeds)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.seconds += time.perf_counter() - t0
@@ -107,4 +111,104 @@ class PissaTransform:
                 weights[k].copy_(work[k].to("cpu"))
             result[k] = Factors((d.A / root).to("cpu", keep).contiguous(), (d.B / root).to("cpu", keep).contiguous(),
                                 weights[k])
+        return result
+
+
+@dataclass
+class QPissaTransform:
+    """QPiSSA (pissa_fast.qpissa_many): per weight, a residual R in bf16 that bitsandbytes' 4-bit
+    format `spec` represents exactly (a transformers load with spec's BitsAndBytesConfig and
+    dtype=torch.bfloat16 gives R back bit for bit) and lora_A, lora_B fitted to W - R over `iters`
+    rounds, scaled as PissaTransform's. The matrix is quantized in (out, in) orientation, as
+    transformers quantizes a Conv1D weight (it transposes before quantizing), and stored as loaded.
+
+    bf16 whatever the stored dtype: bnb quantizes in the dtype a model is loaded in, and only a residual
+    stored in that dtype loads back exactly. An fp32/fp16 weight is rounded to bf16 first (~2^-9 of
+    each element, ~1e-4 of the quantization error in quadrature); the reported error is against the
+    stored weight. errors: module -> ||W - (R + B A)||_F / ||W||_F; inexact: modules whose residual a
+    load would move (double quantization whose statistics did not settle, see quant.nf4.fixed_point).
+    Both may hold modules decomposed early on a guess that the plan then dropped: filter by the plan."""
+    r: int
+    lora_alpha: float
+    iters: int = 5
+    niter: int | None = 4
+    use_rslora: bool = False
+    seed: int = 0
+    spec: object = None  # pissa_fast.quant.QuantSpec (default NF4, blocksize 64, no double quantization)
+    start: str | None = None  # qpissa's start and scales (None: its defaults, quant.qpissa.DEFAULT_*)
+    scales: str | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    errors: dict = field(default_factory=dict)
+    inexact: set = field(default_factory=set)
+    seconds: float = 0.0
+
+    RESIDUAL_CODE = "BF16"
+
+    def __post_init__(self):
+        from ..quant import QuantSpec
+        from ..quant.qpissa import DEFAULT_SCALES, DEFAULT_START
+
+        self.spec = self.spec or QuantSpec()
+        self.start = self.start or DEFAULT_START
+        self.scales = self.scales or DEFAULT_SCALES
+
+    scaling = PissaTransform.scaling
+
+    def residual_code(self, target: Target) -> str:
+        return self.RESIDUAL_CODE
+
+    def settings(self) -> dict:
+        import bitsandbytes
+
+        from ..quant.settings import settings
+        return settings(self.spec, iters=self.iters, niter=self.niter, bnb_version=bitsandbytes.__version__,
+                        start=self.start, scales=self.scales)
+
+    def adapter_files(self) -> dict[str, str]:
+        import json
+
+        from ..quant.settings import SETTINGS_FILE
+        return {SETTINGS_FILE: json.dumps(self.settings(), indent=1, sort_keys=True) + "\n"}
+
+    def run_key(self) -> dict:
+        return {"method": "qpissa", "r": self.r, "lora_alpha": self.lora_alpha, "niter": self.niter,
+                "iters": self.iters, "quant": self.spec.quant_type, "blocksize": self.spec.blocksize,
+                "double_quant": self.spec.double_quant, "start": self.start, "scales": self.scales,
+                "use_rslora": self.use_rslora, "seed": self.seed,
+                "device": self.device.type, "residual": self.RESIDUAL_CODE,
+                "bitsandbytes": self.settings()["bitsandbytes"]}
+
+    def __call__(self, weights: dict[str, torch.Tensor], targets: dict[str, Target]) -> dict[str, Factors]:
+        from ..quant import qpissa_many
+        from ..quant.error import quant_error
+
+        bf16 = torch.bfloat16
+        # the bf16 matrices QPiSSA works on, in stored layout (the loaded weight itself when it is bf16 on the CPU)
+        work = {k: w if (w.dtype == bf16 and w.device == self.device) else w.to(self.device, bf16)
+                for k, w in weights.items()}
+        mats = {k: (x.t() if targets[k].transposed else x) for k, x in work.items()}  # (out, in)
+        t0 = time.perf_counter()
+        outs = {}
+        for s in sorted({weight_seed(self.seed, k) for k in mats}):
+            part = {k: m for k, m in mats.items() if weight_seed(self.seed, k) == s}
+            outs.update(qpissa_many(part, self.r, self.niter, iters=self.iters, quant=self.spec.quant_type,
+                                    blocksize=self.spec.blocksize, double_quant=self.spec.double_quant,
+                                    start=self.start, scales=self.scales, inplace=True, seed=s))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds += time.perf_counter() - t0
+        root = math.sqrt(self.scaling)
+        result = {}
+        for k, d in outs.items():
+            residual = work[k].to("cpu")  # R, in stored layout (qpissa_many wrote it through the (out, in) view)
+            A, B = d.A.to("cpu", torch.float32), d.B.to("cpu", torch.float32)
+            if weights[k].dtype == bf16:
+                err = d.error
+            else:  # against the stored weight, not its bf16 rounding
+                t = targets[k].transposed
+                err = quant_error(weights[k].t() if t else weights[k], residual.t() if t else residual, A, B)
+            self.errors[targets[k].module] = err
+            if not d.exact:
+                self.inexact.add(targets[k].module)
+            result[k] = Factors((A / root).contiguous(), (B / root).contiguous(), residual)
         return result

@@ -246,24 +246,19 @@ class ShardWriter:
 
 
 def save_small(path: str, tensors: dict, metadata: dict | None = None) -> None:
-    """Write a file of small tensors (an adapter, a shard's factors) atomically with safetensors' own
-    save_file. Tensors of dtypes safetensors cannot store are refused by name."""
-    from safetensors.torch import save_file
-
+    """Write a file of small tensors (an adapter, a shard's factors) atomically, through ShardWriter, so
+    the same tensors and metadata give the same bytes in every process: safetensors' own save_file
+    writes the metadata in the order of a hash map that changes from process to process (then the
+    adapter of a torchrun run would differ from one process's in its header alone). Tensors of dtypes
+    safetensors cannot store are refused by name."""
     for name, t in tensors.items():
         if t.dtype not in SAFETENSORS_CODE:
             raise CheckpointError(f"cannot store tensor {name!r} of dtype {t.dtype} in safetensors")
-    tmp = tmp_name(path)
-    try:
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp,
-                  metadata={str(k): str(v) for k, v in (metadata or {}).items()} or None)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    layout = [(str(name), SAFETENSORS_CODE[t.dtype], tuple(t.shape)) for name, t in tensors.items()]
+    with ShardWriter(path, layout, metadata) as writer:
+        for name, t in tensors.items():
+            writer.write(str(name), t)
+        writer.commit()
 
 
 def load_small(path: str) -> tuple[dict, dict]:

@@ -9,6 +9,7 @@ from .error import fro_norm, quant_error
 from .loftq import loftq, loftq_reference, qlora
 from .nf4 import QuantSpec
 from .qpissa import QPiSSADecomposition, qpissa, qpissa_many
+from .settings import bnb_config, read_settings
 
-__all__ = ["QPiSSADecomposition", "QuantSpec", "fro_norm", "loftq", "loftq_reference", "qlora", "qpissa",
-           "qpissa_many", "quant_error"]
+__all__ = ["QPiSSADecomposition", "QuantSpec", "bnb_config", "fro_norm", "loftq", "loftq_reference", "qlora",
+           "qpissa", "qpissa_many", "quant_error", "read_settings"]

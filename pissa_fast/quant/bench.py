@@ -30,8 +30,9 @@ from ..bench.workload import MODELS, PROJECTIONS, synthetic_weight
 from ..options import DTYPE_NAMES, parse_dtype, parse_niter, progress_enabled
 from .error import quant_error
 from .loftq import loftq, loftq_reference, qlora
-from .nf4 import BLOCKSIZES, QUANT_TYPES, QuantSpec
-from .qpissa import qpissa
+from .fit import fit_blocks_
+from .nf4 import BLOCKSIZES, QUANT_TYPES, QuantSpec, fake_quantize
+from .qpissa import DEFAULT_SCALES, DEFAULT_START, SCALES, STARTS, qpissa
 
 _PROJ_RE = re.compile(r"(?:^|\.)(" + "|".join(map(re.escape, PROJECTIONS)) + r")\.weight$")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -88,7 +89,7 @@ def _sync(device):
 
 
 def measure(W: torch.Tensor, *, r: int, iters: int, niter, spec: QuantSpec, with_loftq: bool = True,
-            seed: int = 0) -> dict:
+            seed: int = 0, start: str = DEFAULT_START, scales: str = DEFAULT_SCALES) -> dict:
     """One layer: errors and times of QLoRA, LoftQ (1..iters rounds), QPiSSA (1..iters rounds)."""
     dev = W.device
     rec: dict = {"shape": list(W.shape), "dtype": str(W.dtype).removeprefix("torch.")}
@@ -99,6 +100,10 @@ def measure(W: torch.Tensor, *, r: int, iters: int, niter, spec: QuantSpec, with
     rec["qlora_time"] = time.perf_counter() - t0
     rec["qlora_error"] = quant_error(W, Q)
     del Q
+    if scales == "search":  # the same quantizer without an adapter: what the searched scales alone give
+        fitted = fit_blocks_(W.clone(memory_format=torch.contiguous_format), spec)
+        rec["qlora_search_error"] = quant_error(W, fake_quantize(fitted, spec))
+        del fitted
 
     if with_loftq:
         if dev.type == "cuda":  # peft's own loftq_init; no hook into its rounds, so one call per t
@@ -129,17 +134,17 @@ def measure(W: torch.Tensor, *, r: int, iters: int, niter, spec: QuantSpec, with
     _sync(dev)
     t0 = time.perf_counter()
     out = qpissa(W, r, niter, iters=iters, quant=spec.quant_type, blocksize=spec.blocksize,
-                 double_quant=spec.double_quant, seed=seed,
+                 double_quant=spec.double_quant, start=start, scales=scales, seed=seed,
                  on_round=lambda t: (_sync(dev), marks.append(time.perf_counter() - t0)))
     _sync(dev)
     total = time.perf_counter() - t0
     check = total - marks[-1]
-    best, running = float("inf"), []
-    for e in out.errors:  # what qpissa(iters=t) returns: the best of rounds 1..t
-        best = min(best, e)
-        running.append(best)
+    # what qpissa(iters=t) returns: the best of rounds 1..t (of every start it runs, in lockstep)
+    running = [min(min(errs[:t]) for errs in out.start_errors.values()) for t in range(1, iters + 1)]
     rec["qpissa_errors"] = running
     rec["qpissa_round_errors"] = list(out.errors)
+    rec["qpissa_start"] = out.start
+    rec["qpissa_start_errors"] = dict(out.start_errors)
     rec["qpissa_times"] = [m + check for m in marks]
     rec["qpissa_check_time"] = check
     rec["qpissa_exact"] = out.exact
@@ -149,7 +154,8 @@ def measure(W: torch.Tensor, *, r: int, iters: int, niter, spec: QuantSpec, with
 
 
 def bench_qpissa(weights, *, r: int = 16, iters: int = 5, niter=4, spec: QuantSpec | None = None,
-                 with_loftq: bool = True, seed: int = 0, progress: bool = False) -> list[dict]:
+                 with_loftq: bool = True, seed: int = 0, start: str = DEFAULT_START, scales: str = DEFAULT_SCALES,
+                 progress: bool = False) -> list[dict]:
     """Measure every (name, W) of `weights`; returns one record per layer (see `measure`)."""
     spec = spec or QuantSpec()
     records = []
@@ -160,9 +166,9 @@ def bench_qpissa(weights, *, r: int = 16, iters: int = 5, niter=4, spec: QuantSp
     for name, W in weights:
         if not records:  # first calls pay one-time costs (imports, bnb/peft set-up): keep them out
             measure(W, r=min(r, min(W.shape)), iters=1, niter=niter, spec=spec, with_loftq=with_loftq,
-                    seed=seed)
+                    seed=seed, start=start, scales=scales)
         rec = measure(W, r=min(r, min(W.shape)), iters=iters, niter=niter, spec=spec,
-                      with_loftq=with_loftq, seed=seed)
+                      with_loftq=with_loftq, seed=seed, start=start, scales=scales)
         rec["name"] = name
         records.append(rec)
         if bar is not None:
@@ -177,6 +183,7 @@ def summarize(records: list[dict], iters: int) -> dict:
     n = len(records)
     mean = lambda xs: sum(xs) / len(xs) if xs else None
     out = {"layers": n, "qlora_error": mean([r["qlora_error"] for r in records]),
+           "qlora_search_error": mean([r["qlora_search_error"] for r in records if "qlora_search_error" in r]),
            "qlora_time": sum(r["qlora_time"] for r in records), "rounds": []}
     has_loftq = all("loftq_errors" in r for r in records)
     for t in range(iters):
@@ -190,6 +197,8 @@ def summarize(records: list[dict], iters: int) -> dict:
             row["time_ratio"] = row["qpissa_time"] / row["loftq_time"] if row["loftq_time"] > 0 else None
         out["rounds"].append(row)
     out["qpissa_exact"] = sum(bool(r["qpissa_exact"]) for r in records)
+    out["qpissa_starts"] = {s: sum(r["qpissa_start"] == s for r in records)
+                            for s in sorted({r["qpissa_start"] for r in records})}
     out["float64_gap"] = max((abs(r["qpissa_error_float64"] - r["qpissa_error_reported"])
                               / max(r["qpissa_error_float64"], 1e-300) for r in records), default=None)
     return out
@@ -215,7 +224,8 @@ def report(records, summary, cfg, *, markdown: bool) -> str:
     lines = []
     head = (f"Quantization error ||W - (Q + B A)||_F / ||W||_F, r = {cfg['r']}, {cfg['quant']} blocksize "
             f"{cfg['blocksize']}{', double quant' if cfg['double_quant'] else ''}, QPiSSA niter "
-            f"{cfg['niter']}, workload {cfg['workload']} ({summary['layers']} matrices, {cfg['dtype']})")
+            f"{cfg['niter']}, start {cfg.get('start', 'pissa')}, scales {cfg.get('scales', 'absmax')}, workload "
+            f"{cfg['workload']} ({summary['layers']} matrices, {cfg['dtype']})")
     lines += [("**" + head + "**") if markdown else head, ""]
     hdr = ["rounds", "QPiSSA error", "QPiSSA time (s)"]
     if loftq_on:
@@ -231,10 +241,14 @@ def report(records, summary, cfg, *, markdown: bool) -> str:
         cells += [f"{row['qpissa_below_qlora']}/{summary['layers']}"]
         rows.append(cells)
     lines += table(hdr, rows)
+    searched = summary.get("qlora_search_error")
     lines += ["", f"QLoRA (nf4(W), no adapter): mean error {fmt_err(summary['qlora_error'])}, "
-              f"{fmt_time(summary['qlora_time'])} s. QPiSSA residuals that a bnb 4-bit load reproduces "
+              f"{fmt_time(summary['qlora_time'])} s"
+              + (f"; with QPiSSA's searched scales: {fmt_err(searched)}" if searched is not None else "")
+              + f". QPiSSA residuals that a bnb 4-bit load reproduces "
               f"bit for bit: {summary['qpissa_exact']}/{summary['layers']}. Largest relative gap between "
-              f"QPiSSA's reported error and the float64 measure: {fmt_err(summary['float64_gap'])}.", ""]
+              f"QPiSSA's reported error and the float64 measure: {fmt_err(summary['float64_gap'])}. Start kept: "
+              + ", ".join(f"{k} on {v}" for k, v in summary["qpissa_starts"].items()) + ".", ""]
     hdr = ["matrix", "shape", "QLoRA"] + ([f"LoftQ@{T}"] if loftq_on else []) + \
           ["QPiSSA@1", f"QPiSSA@{T}"] + ([f"LoftQ@{T} s"] if loftq_on else []) + [f"QPiSSA@{T} s"]
     rows = []
@@ -331,6 +345,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="rounds T of LoftQ and QPiSSA; both are reported after 1..T (default: 5)")
     parser.add_argument("--niter", type=parse_niter, default=4,
                         help="QPiSSA's top-r step: niter of pissa_fast.decompose, or 'exact' (default: 4)")
+    parser.add_argument("--start", default=DEFAULT_START, choices=sorted(STARTS),
+                        help="QPiSSA's start: pissa (the paper's), quantized (LoftQ's) or best (both, the lower "
+                        "kept per matrix; default: pissa)")
+    parser.add_argument("--scales", default=DEFAULT_SCALES, choices=SCALES,
+                        help="QPiSSA's block scales: search (error-minimizing, still exact under bnb; the "
+                        "default) or absmax (bnb's own rounding, as the paper)")
     parser.add_argument("--quant", default="nf4", choices=QUANT_TYPES)
     parser.add_argument("--blocksize", type=int, default=64, choices=BLOCKSIZES)
     parser.add_argument("--double-quant", action="store_true", help="bnb double quantization")
@@ -363,10 +383,12 @@ def run(args) -> int:
         weights = synthetic_weights(args.synthetic, args.layers, args.dtype or torch.bfloat16, args.seed, device)
         workload = f"synthetic {args.synthetic} x {args.layers} layer(s)"
     records = bench_qpissa(weights, r=args.rank, iters=args.iters, niter=args.niter, spec=spec,
-                           with_loftq=not args.no_loftq, seed=args.seed, progress=True)
+                           with_loftq=not args.no_loftq, seed=args.seed, start=args.start, scales=args.scales,
+                           progress=True)
     dtypes = sorted({r["dtype"] for r in records})
     cfg = {"r": args.rank, "iters": args.iters, "niter": "exact" if args.niter is None else args.niter,
            "quant": args.quant, "blocksize": args.blocksize, "double_quant": args.double_quant,
+           "start": args.start, "scales": args.scales,
            "workload": workload, "dtype": ", ".join(dtypes), "device": str(device)}
     summary = summarize(records, args.iters)
     env = environment()

@@ -10,7 +10,9 @@ LoftQ (Li et al. 2023, arXiv 2310.08659) as peft implements it in peft/utils/lof
 and it returns (Q in W's dtype, lora_A = R, lora_B = L). peft runs it on a hard-coded "cuda" (or
 "xpu") device, so on other devices `loftq` runs `loftq_reference`, the same steps on W's own device
 (bnb's Params4bit defaults, peft's own SVD helper). tests/test_qpissa_loftq.py checks it against
-peft's code bit for bit.
+peft's code bit for bit. Dequantization goes through nf4.dequantize, i.e. bnb's dequantize_4bit in the
+block layout of its quantizer, which bnb's native CPU kernel gets wrong for some shapes that no real
+projection has (see nf4.py); peft on a GPU computes the same.
 """
 from __future__ import annotations
 
@@ -53,7 +55,7 @@ def loftq_reference(weight: torch.Tensor, r: int, iters: int = 1, *, on_round=No
     for i in range(iters):
         q = bnb.nn.Params4bit(res.to("cpu"), requires_grad=False, compress_statistics=False,
                               quant_type="nf4").to(device)
-        deq = bnb.functional.dequantize_4bit(q.data, q.quant_state)
+        deq = nf4.dequantize(q.data, q.quant_state)  # = bnb's dequantize_4bit (see nf4.py for the CPU shapes)
         res = w - deq
         out = _low_rank_decomposition(res, reduced_rank=r)
         L, R = out["L"], out["R"]

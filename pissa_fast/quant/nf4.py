@@ -13,6 +13,12 @@ that exact:
   the tensor is quantized again; `fixed_point` iterates until a load reproduces the tensor and says
   whether it got there.
 
+Blocks run over the flattened tensor (bnb's quantizer and its CUDA kernels). bnb 0.50's native CPU
+dequantize kernel instead takes a 2-D shape and gets some shapes wrong whose last dimension is even
+but not a multiple of the blocksize (64 x 96 or 64 x 160 at blocksize 64, for example; the
+projections of real LLMs, multiples of 64 wide, are fine): `dequantize` therefore hands bnb the flat
+shape, which every backend dequantizes by the quantizer's own block layout, and reshapes.
+
 On CPU bnb's quantize_4bit is plain torch code whose temporaries are ~20 bytes per element (a float32
 copy, scaled values, int32 codes); `quantize` runs it on row chunks of at most CHUNK_ELEMENTS elements
 (whole blocks, so the result is bitwise the whole-tensor call) to bound that to ~20 MB.
@@ -29,6 +35,7 @@ QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bnb's quantize_4bit accepts
 QUANT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what it quantizes
 DOUBLE_QUANT_BLOCKSIZE = 256  # bnb's fixed blocksize for the absmax statistics
+TRANSFORMERS_BLOCKSIZE = 64  # the one blocksize transformers' 4-bit loading uses (bnb's default)
 CHUNK_ELEMENTS = 1 << 20
 BNB_VERSION = "0.50.2"
 INSTALL_HINT = f"pip install 'pissa_fast[quant]' (or: pip install bitsandbytes=={BNB_VERSION})"
@@ -70,6 +77,16 @@ class QuantSpec:
         return {"load_in_4bit": True, "bnb_4bit_quant_type": self.quant_type,
                 "bnb_4bit_use_double_quant": self.double_quant}
 
+    @property
+    def loads_through_transformers(self) -> bool:
+        """Whether BitsAndBytesConfig can load this format (it has no blocksize option: always 64)."""
+        return self.blocksize == TRANSFORMERS_BLOCKSIZE
+
+    def bnb_config_code(self, compute_dtype: str = "torch.bfloat16") -> str:
+        """The BitsAndBytesConfig(...) expression that loads a residual quantized with this spec."""
+        args = ", ".join(f"{k}={v!r}" for k, v in self.bnb_config_kwargs().items())
+        return f"BitsAndBytesConfig({args}, bnb_4bit_compute_dtype={compute_dtype})"
+
 
 def _row_chunks(m: int, n: int, blocksize: int, max_elements: int):
     """Row ranges whose sizes (but the last) are whole multiples of blocksize elements, so every
@@ -108,9 +125,19 @@ def quantize(x: torch.Tensor, spec: QuantSpec, *, max_elements: int = CHUNK_ELEM
 
 
 @torch.no_grad()
+def _flat(state):
+    """state, with its shape flattened (see the module docstring: the CPU kernel's 2-D indexing)."""
+    import copy
+
+    flat = copy.copy(state)
+    flat.shape = torch.Size([state.shape.numel()])
+    return flat
+
+
+@torch.no_grad()
 def dequantize(packed: torch.Tensor, state) -> torch.Tensor:
     """bnb.functional.dequantize_4bit: the tensor (in the quantized dtype) the codes stand for."""
-    return bnb_functional().dequantize_4bit(packed, state)
+    return bnb_functional().dequantize_4bit(packed, _flat(state)).reshape(state.shape)
 
 
 def fake_quantize(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -125,7 +152,7 @@ def round_trip_exact(x: torch.Tensor, spec: QuantSpec) -> bool:
     F = bnb_functional()
     p, st = F.quantize_4bit(x, blocksize=spec.blocksize, compress_statistics=spec.double_quant,
                             quant_type=spec.quant_type)
-    return torch.equal(F.dequantize_4bit(p, st), x)
+    return torch.equal(dequantize(p, st), x)
 
 
 def _nested_absmax(F, state) -> torch.Tensor:
@@ -142,7 +169,7 @@ def _largest_codes(F, packed, state) -> torch.Tensor:
     unit = F.QuantState(absmax=torch.ones_like(_nested_absmax(F, state) if state.nested else state.absmax),
                         shape=state.shape, code=state.code, blocksize=state.blocksize,
                         quant_type=state.quant_type, dtype=torch.float32)
-    flat = F.dequantize_4bit(packed, unit).reshape(-1).abs()
+    flat = dequantize(packed, unit).reshape(-1).abs()
     pad = (-flat.numel()) % state.blocksize
     return torch.nn.functional.pad(flat, (0, pad)).view(-1, state.blocksize).amax(1)
 

@@ -9,9 +9,25 @@ rounds does
     (A, B) = top-r of (W - R_t)           (pissa_fast.decompose_many: randomized, batched, in place)
 
 and reports e_t = ||W - (R_t + B_t A_t)||_F / ||W||_F (float64, see error.py). The round with the
-lowest error is returned,
-so the error never increases with T. Its residual is checked to load back bit for bit through
-bitsandbytes (and so through transformers' BitsAndBytesConfig(load_in_4bit=True)).
+lowest error is returned, so the error never increases with T. Its residual is checked to load back
+bit for bit through bitsandbytes (and so through transformers' BitsAndBytesConfig(load_in_4bit=True)).
+
+Two refinements of the paper's loop, measured with `python benchmarks/qpissa_variants.py CHECKPOINT
+--max-matrices 14` on SmolLM2-135M's decoder layers 0-1 (r 16, T 5, against LoftQ's loop; numbers in
+benchmarks/RESULTS.md, QPiSSA section):
+- scales="search" (the default): nf4(.) is not bnb's absmax rounding but, per block, the scale (a
+  fraction of the absmax) with the lowest error, or the last round's block where that is closer
+  (quant/fit.py). bnb loads the result bit for bit, and the quantization step becomes a descent step
+  of the alternating minimization of ||W - R - B A||, which bnb's rounding is not. Measured: mean error
+  6.77e-2 instead of 7.14e-2 at T 5 (5 % lower), below LoftQ on 14/14 matrices at every T (absmax:
+  10/14 at T 5), for ~4.5x the time of a call (median; ~1.25x LoftQ's full-SVD loop on these small
+  matrices on CPU). Part of the gain is the quantizer itself: nf4(W) with searched scales alone has
+  8.5e-2 instead of 9.3e-2. scales="absmax" is the paper's loop and the fast choice.
+- start="best": the paper's start (PiSSA's factors) and LoftQ's (B A = 0: round 1 quantizes W) run
+  in lockstep and the lower error is kept per weight. On matrices with flat spectra (a transformer's
+  MLP projections, s_16 / s_1 ~ 0.4-0.9) the principal part is no outlier and LoftQ's start ends up
+  to ~2 % lower after a few rounds; on spiky spectra PiSSA's start wins by far. Twice the work; alone
+  (with absmax) it is not enough to stay below LoftQ everywhere (12/14 at T 5), so it is not the default.
 
 Memory, per weight of a call: besides W itself, one working buffer in W's dtype (W - B A, then
 W - R, then the top-r step's in-place residual, in turn), the packed codes of the current and of the
@@ -36,6 +52,11 @@ from ..core import Decomposition, decompose_many
 from ..options import progress_enabled
 from . import nf4
 from .error import quant_error
+from .fit import fit_blocks_
+
+STARTS = {"pissa": ("pissa",), "quantized": ("quantized",), "best": ("pissa", "quantized")}
+SCALES = ("absmax", "search")
+DEFAULT_START, DEFAULT_SCALES = "pissa", "search"  # measured: see the module docstring
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -48,6 +69,7 @@ class QPiSSADecomposition(Decomposition):
     round, or of the refit when a 4-bit load had to settle the residual first, see nf4.fixed_point);
     exact: a bnb 4-bit load reproduces the residual bit for bit (None when not verified).
     codes: (packed, QuantState) of the residual, as bitsandbytes stores it.
+    start: the start the returned state came from; start_errors: start -> its errors per round.
     """
 
     errors: list[float] = dataclasses.field(default_factory=list)
@@ -56,6 +78,8 @@ class QPiSSADecomposition(Decomposition):
     spec: nf4.QuantSpec = dataclasses.field(default_factory=nf4.QuantSpec)
     exact: bool | None = None
     codes: tuple | None = dataclasses.field(default=None, repr=False)
+    start: str = "pissa"
+    start_errors: dict = dataclasses.field(default_factory=dict)
 
 
 def _name(key, single) -> str:
@@ -114,13 +138,19 @@ def _check_disjoint(items, single):
 
 
 def qpissa(weight: torch.Tensor, r: int, niter: int | None = 4, *, iters: int = 1, quant: str = "nf4",
-           blocksize: int = 64, double_quant: bool = False, inplace: bool = False,
-           method: str | None = None, oversample: int | None = None, seed: int = 0,
+           blocksize: int = 64, double_quant: bool = False, start: str = DEFAULT_START, scales: str = DEFAULT_SCALES,
+           inplace: bool = False, method: str | None = None, oversample: int | None = None, seed: int = 0,
            verify: bool = True, on_round=None) -> QPiSSADecomposition:
     """QPiSSA-decompose one weight W (out x in, float32/bf16/fp16): W ~ R + B A with R exactly
     representable in bitsandbytes' 4-bit `quant` format and (A, B) the top-r factors of W - R.
 
-    iters: rounds T of R = nf4(W - B A), (A, B) = top-r(W - R), starting from PiSSA's factors of W.
+    iters: rounds T of R = nf4(W - B A), (A, B) = top-r(W - R).
+    start: "pissa" (the paper's: B A = PiSSA's factors of W before round 1), "quantized" (LoftQ's:
+        B A = 0, so round 1 quantizes W itself) or "best" (both, in lockstep; per weight the one with the
+        lower error after `iters` rounds is returned: about twice the time and working memory).
+    scales: "search" (per block the scale that minimizes the error, still loaded bit for bit by bnb,
+        and never worse than the previous round's block: see quant/fit.py) or "absmax" (bnb's own
+        rounding, every block scaled by its absmax: the paper's loop).
     niter, method, oversample, seed: the top-r step, as in pissa_fast.decompose (None: exact SVD).
     quant ("nf4" or "fp4"), blocksize, double_quant: the bnb format. transformers loads with
         blocksize 64, the default; QuantSpec.bnb_config_kwargs() gives the matching BitsAndBytesConfig.
@@ -131,14 +161,15 @@ def qpissa(weight: torch.Tensor, r: int, niter: int | None = 4, *, iters: int = 
     Raises ImportError naming the `quant` extra when bitsandbytes is missing.
     """
     return qpissa_many([weight], r, niter, iters=iters, quant=quant, blocksize=blocksize,
-                       double_quant=double_quant, inplace=inplace, method=method, oversample=oversample,
-                       seed=seed, verify=verify, on_round=on_round, _single=True)[0]
+                       double_quant=double_quant, start=start, scales=scales, inplace=inplace, method=method,
+                       oversample=oversample, seed=seed, verify=verify, on_round=on_round, _single=True)[0]
 
 
 @torch.no_grad()
 def qpissa_many(weights: Mapping[Any, torch.Tensor] | Sequence[torch.Tensor], r: int,
                 niter: int | None = 4, *, iters: int = 1, quant: str = "nf4", blocksize: int = 64,
-                double_quant: bool = False, inplace: bool = False, method: str | None = None,
+                double_quant: bool = False, start: str = DEFAULT_START, scales: str = DEFAULT_SCALES,
+                inplace: bool = False, method: str | None = None,
                 oversample: int | None = None, seed: int = 0, verify: bool = True,
                 progress: bool = False, on_round=None, _single: bool = False):
     """qpissa() for many weights (a dict name -> tensor returns a dict, a list returns a list): every
@@ -148,6 +179,10 @@ def qpissa_many(weights: Mapping[Any, torch.Tensor] | Sequence[torch.Tensor], r:
     layers at a time (a decoder layer, a shard) to bound it. on_round(t), if given, is called when
     round t's errors are known (benchmarks time the rounds with it)."""
     spec = nf4.QuantSpec(quant, blocksize, double_quant)
+    if start not in STARTS:
+        raise ValueError(f"start must be one of {', '.join(STARTS)}, got {start!r}")
+    if scales not in SCALES:
+        raise ValueError(f"scales must be one of {', '.join(SCALES)}, got {scales!r}")
     _check_int("r", r, 1)
     _check_int("iters", iters, 1)
     is_map = isinstance(weights, Mapping)
@@ -163,50 +198,14 @@ def qpissa_many(weights: Mapping[Any, torch.Tensor] | Sequence[torch.Tensor], r:
         return {} if is_map else []
     kw = dict(method=method, oversample=oversample, seed=seed)
     Ws = [w.detach() for _, w in items]
-
-    # Round 0: PiSSA's factors of W; their residual W - B A (new buffers in W's dtype) is what round 1
-    # quantizes. decompose_many validates niter/method/oversample/seed here, before anything is written.
-    first = decompose_many(Ws, r, niter, inplace=False, **kw)
-    work = [d.residual for d in first]
-    del first
-    errors: list[list[float]] = [[] for _ in Ws]
-    best: list[dict | None] = [None] * len(Ws)
-    bar = None
-    if progress and progress_enabled():
-        from tqdm.auto import tqdm
-        bar = tqdm(total=iters * len(Ws), desc="qpissa rounds", unit="layer")
-
-    for t in range(1, iters + 1):
-        codes = []
-        for i, w in enumerate(Ws):
-            packed, state = nf4.quantize(work[i], spec)
-            work[i] = None  # let the next buffer reuse this one's memory
-            R = nf4.dequantize(packed, state)
-            torch.sub(w, R, out=R)  # W - R_t, in W's dtype (exact where R is within 2x of W: Sterbenz)
-            work[i] = R
-            codes.append((packed, state))
-        fits = decompose_many(work, r, niter, inplace=True, **kw)  # work <- W - R_t - B_t A_t
-        for i, (w, d) in enumerate(zip(Ws, fits)):
-            # Measured in float64 from W, R_t (dequantized again: the buffer now holds W - R_t - B A
-            # rounded twice to W's dtype, whose norm is off by ~2^-9 |B A| / |error| ~ 0.1-1 % in bf16).
-            e = quant_error(w, nf4.dequantize(*codes[i]), d.A, d.B)
-            errors[i].append(e)
-            if best[i] is None or e < best[i]["error"]:
-                best[i] = dict(error=e, round=t, codes=codes[i], fields=_fields(d))
-            if t < iters:  # next round quantizes W - B_t A_t, written over this buffer
-                work[i].copy_(w)
-                ops.residual_([work[i]], d.B.contiguous()[None], d.A.contiguous()[None])
-            if bar is not None:
-                bar.update(1)
-        if on_round is not None:
-            on_round(t)
-    if bar is not None:
-        bar.close()
-    del work
+    lanes = _rounds(Ws, r, niter, kw, spec, iters=iters, starts=STARTS[start], search=scales == "search",
+                    progress=progress, on_round=on_round)
 
     results = []
     for i, w in enumerate(Ws):
-        b = best[i]
+        runs = lanes[i]  # start -> its best round and per-round errors
+        chosen = min(runs, key=lambda k: runs[k]["error"])
+        b = runs[chosen]
         packed, state = b["codes"]
         exact, error, fields = None, b["error"], b["fields"]
         if verify:
@@ -216,9 +215,10 @@ def qpissa_many(weights: Mapping[Any, torch.Tensor] | Sequence[torch.Tensor], r:
                 error = quant_error(w, R, fields["A"], fields["B"])
         else:
             R = nf4.dequantize(packed, state)
-        results.append(QPiSSADecomposition(**fields, residual=R, errors=errors[i], error=error,
+        results.append(QPiSSADecomposition(**fields, residual=R, errors=b["errors"], error=error,
                                            best_round=b["round"], spec=spec, exact=exact,
-                                           codes=(packed, state)))
+                                           codes=(packed, state), start=chosen,
+                                           start_errors={k: v["errors"] for k, v in runs.items()}))
     if inplace:  # only now, with every residual computed, touch the weights
         for (key, w), res in zip(items, results):
             w.detach().copy_(res.residual)
@@ -226,3 +226,67 @@ def qpissa_many(weights: Mapping[Any, torch.Tensor] | Sequence[torch.Tensor], r:
     if is_map:
         return {key: res for (key, _), res in zip(items, results)}
     return results
+
+
+def _rounds(Ws, r, niter, kw, spec, *, iters, starts, search, progress, on_round) -> list[dict]:
+    """The rounds of every (weight, start) lane, in lockstep: each round's top-r step is one
+    decompose_many call over all lanes. Returns per weight {start: {error, round, codes, fields, errors}}
+    of its best round."""
+    lanes = [(i, s) for s in starts for i in range(len(Ws))]
+    work: list = [None] * len(lanes)
+    # Round 0. "pissa": PiSSA's factors of W, whose residual W - B A (new buffers in W's dtype) round 1
+    # quantizes; decompose_many validates niter/method/oversample/seed here, before anything is written.
+    # "quantized": no factors, round 1 quantizes (a copy of) W.
+    pissa = [j for j, (i, s) in enumerate(lanes) if s == "pissa"]
+    if pissa:
+        for j, d in zip(pissa, decompose_many([Ws[lanes[j][0]] for j in pissa], r, niter, inplace=False, **kw)):
+            work[j] = d.residual
+    for j, (i, s) in enumerate(lanes):
+        if s == "quantized":
+            work[j] = Ws[i].clone(memory_format=torch.contiguous_format)
+    errors: list[list[float]] = [[] for _ in lanes]
+    best: list[dict | None] = [None] * len(lanes)
+    codes: list = [None] * len(lanes)
+    bar = None
+    if progress and progress_enabled():
+        from tqdm.auto import tqdm
+        bar = tqdm(total=iters * len(lanes), desc="qpissa rounds", unit="layer")
+
+    for t in range(1, iters + 1):
+        for j, (i, _) in enumerate(lanes):
+            if search:  # clip each block to its best scale (or keep the last round's), then bnb rounds it
+                x = work[j] if work[j].is_contiguous() else work[j].contiguous()
+                work[j] = None
+                prev = None if codes[j] is None else nf4.dequantize(*codes[j])
+                work[j] = fit_blocks_(x, spec, previous=prev)
+                del x, prev
+            packed, state = nf4.quantize(work[j], spec)
+            work[j] = None  # let the next buffer reuse this one's memory
+            R = nf4.dequantize(packed, state)
+            torch.sub(Ws[i], R, out=R)  # W - R_t, in W's dtype (exact where R is within 2x of W: Sterbenz)
+            work[j] = R
+            codes[j] = (packed, state)
+        fits = decompose_many(work, r, niter, inplace=True, **kw)  # work <- W - R_t - B_t A_t
+        for j, ((i, _), d) in enumerate(zip(lanes, fits)):
+            w = Ws[i]
+            # Measured in float64 from W, R_t (dequantized again: the buffer now holds W - R_t - B A
+            # rounded twice to W's dtype, whose norm is off by ~2^-9 |B A| / |error| ~ 0.1-1 % in bf16).
+            e = quant_error(w, nf4.dequantize(*codes[j]), d.A, d.B)
+            errors[j].append(e)
+            if best[j] is None or e < best[j]["error"]:
+                best[j] = dict(error=e, round=t, codes=codes[j], fields=_fields(d))
+            if t < iters:  # next round quantizes W - B_t A_t, written over this buffer
+                work[j].copy_(w)
+                ops.residual_([work[j]], d.B.contiguous()[None], d.A.contiguous()[None])
+            if bar is not None:
+                bar.update(1)
+        del fits
+        if on_round is not None:
+            on_round(t)
+    if bar is not None:
+        bar.close()
+    del work
+    out: list[dict] = [{} for _ in Ws]
+    for j, (i, s) in enumerate(lanes):
+        out[i][s] = dict(best[j], errors=errors[j])
+    return out

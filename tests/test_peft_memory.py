@@ -1,0 +1,73 @@
+"""pissa_fast.memory: weights that are private file mappings (safetensors loads) are populated before an
+in-place decomposition; read-only mappings are refused before anything is written."""
+import hashlib
+import mmap
+import sys
+import warnings
+
+import pytest
+import torch
+
+import pissa_fast
+from pissa_fast import memory
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/maps and madvise")
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(0)
+    path = tmp_path / "w.safetensors"
+    save_file({"w": torch.randn(512, 1024, generator=gen).to(torch.bfloat16),
+               "small": torch.randn(8, 8, generator=gen)}, path)
+    return path
+
+
+def _kernel_has_populate_write():
+    w = torch.empty(1 << 20, dtype=torch.uint8)
+    return memory._madvise(w.data_ptr(), w.data_ptr() + w.numel(), memory.MADV_POPULATE_WRITE)
+
+
+def test_file_backed_weight_is_populated_and_decomposed_in_place(checkpoint):
+    from safetensors.torch import load_file
+
+    if not _kernel_has_populate_write():
+        pytest.skip("kernel without MADV_POPULATE_WRITE (< 5.14)")
+    before = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    w = load_file(checkpoint)["w"]
+    original = w.clone()
+    assert memory.prepare_inplace([w]) == w.numel() * 2  # the whole weight sits in the file mapping
+    assert torch.equal(w, original)  # populating changes no value
+    out = pissa_fast.decompose(w, 8, 2, inplace=True)
+    assert out.residual.data_ptr() == w.data_ptr()
+    torch.testing.assert_close((w.float() + out.B @ out.A), original.float(), rtol=0, atol=0.05)
+    assert hashlib.sha256(checkpoint.read_bytes()).hexdigest() == before  # a private mapping: the file is intact
+
+
+def test_anonymous_small_and_switched_off_are_left_alone(checkpoint, monkeypatch):
+    from safetensors.torch import load_file
+
+    assert memory.prepare_inplace([torch.randn(512, 1024)]) == 0  # anonymous memory
+    loaded = load_file(checkpoint)
+    assert memory.prepare_inplace([loaded["small"]]) == 0  # under 1 MiB: not worth reading /proc/self/maps
+    monkeypatch.setenv("PISSA_FAST_POPULATE", "0")
+    assert memory.prepare_inplace([loaded["w"]]) == 0
+
+
+def test_read_only_mapping_is_refused_before_any_write(tmp_path):
+    path = tmp_path / "ro.bin"
+    values = torch.randn(1024, 512)
+    path.write_bytes(values.numpy().tobytes())
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns that the buffer is not writable
+        w = torch.frombuffer(mm, dtype=torch.float32).view(1024, 512)
+    with pytest.raises(ValueError, match=r"weights\['ro'\] lies in read-only memory"):
+        pissa_fast.decompose_many({"ro": w}, 4, 1, inplace=True)
+    assert torch.equal(w, values)
+    out = pissa_fast.decompose(w, 4, 1)  # out of place is fine
+    assert out.residual.data_ptr() != w.data_ptr()
+    del w
