@@ -38,13 +38,15 @@ SmallStepsOnOneThread::~SmallStepsOnOneThread() {
   }
 }
 
-AllThreads::AllThreads() {
-  if (full_threads > 1) at::set_num_threads(full_threads);
+AllThreads::AllThreads(bool on) : on(on && full_threads > 1) {
+  if (this->on) at::set_num_threads(full_threads);
 }
 
 AllThreads::~AllThreads() {
-  if (full_threads > 1) at::set_num_threads(1);
+  if (on) at::set_num_threads(1);
 }
+
+bool pass_wants_threads(at::TensorList W) { return !W.empty() && W[0].numel() >= (int64_t(1) << 20); }
 
 ReleaseFreeHeap::~ReleaseFreeHeap() {
 #if defined(__GLIBC__)
@@ -57,7 +59,7 @@ std::tuple<Tensor, Tensor> call_gram(at::TensorList W, const Tensor& V) {
                        .findSchemaOrThrow("pissa_fast::gram", "")
                        .typed<std::tuple<Tensor, Tensor>(at::TensorList, const Tensor&)>();
   auto Vc = V.contiguous();
-  AllThreads all;
+  AllThreads all(pass_wants_threads(W));
   return op.call(W, Vc);
 }
 
@@ -66,7 +68,7 @@ Tensor call_wx(at::TensorList W, const Tensor& X) {
                        .findSchemaOrThrow("pissa_fast::wx", "")
                        .typed<Tensor(at::TensorList, const Tensor&)>();
   auto Xc = X.contiguous();
-  AllThreads all;
+  AllThreads all(pass_wants_threads(W));
   return op.call(W, Xc);
 }
 
@@ -75,7 +77,7 @@ Tensor call_wtx(at::TensorList W, const Tensor& Y) {
                        .findSchemaOrThrow("pissa_fast::wtx", "")
                        .typed<Tensor(at::TensorList, const Tensor&)>();
   auto Yc = Y.contiguous();
-  AllThreads all;
+  AllThreads all(pass_wants_threads(W));
   return op.call(W, Yc);
 }
 

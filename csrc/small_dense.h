@@ -21,11 +21,18 @@ struct SmallStepsOnOneThread {
   bool owner;
 };
 
-// Every thread, for the duration of a pass over W (or a full SVD).
+// Every thread, for the duration of a pass over W (or a full SVD); `on` false keeps the one thread.
 struct AllThreads {
-  AllThreads();
+  explicit AllThreads(bool on = true);
   ~AllThreads();
+  bool on;
 };
+
+// Whether a pass over W is big enough to gain from more threads: below 2^20 elements per matrix a
+// pass (a few MFLOP) is latency-bound, and on the project's 2-core machine with OMP_WAIT_POLICY=PASSIVE
+// waking the second thread for each parallel region cost more than it saved (576 x 576 bf16, r 16,
+// niter 4: 6.3-6.5 ms per decompose on 1 thread, 8.2-9.5 ms on 2; benchmarks/RESULTS.md).
+bool pass_wants_threads(at::TensorList W);
 
 // Hands the free pages of the C heap back to the system when it goes out of scope (glibc's
 // malloc_trim; a no-op elsewhere or when `on` is false). glibc serves allocations below its dynamic
