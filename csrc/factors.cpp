@@ -65,6 +65,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> pissa_factors(at::TensorList 
   const std::string method(method_sv), normalizer(normalizer_sv);
   const auto& w0 = W[0];
   const int64_t b = W.size(), m = w0.size(0), n = w0.size(1), k = std::min(m, n);
+  // Declared first, so it runs last: after every temporary of the call is freed (switched on below,
+  // once the arguments are checked).
+  ReleaseFreeHeap trim(false);
   SmallStepsOnOneThread one_thread(w0.device().is_cpu());
   PF_CHECK(k > 0, op, "W must be non-empty, got shape ", w0.sizes());
   PF_CHECK(rank >= 1 && rank <= k, op, "rank must be in [1, min(m, n) = ", k, "], got ", rank);
@@ -81,6 +84,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> pissa_factors(at::TensorList 
   check_factor(op, "omega", omega, b, n, omega.size(2), w0);
   const int64_t l = omega.size(2);
   PF_CHECK(l >= rank, op, "omega must have at least rank = ", rank, " columns, got ", l);
+
+  // Only where the call's tall blocks are large enough for holes to matter (a trim walks the heap).
+  trim.on = w0.device().is_cpu() && b * (2 * n + m) * l * (niter + 1) * 4 >= (int64_t(1) << 21);
 
   Stopping stop;
   stop.tol = tol;

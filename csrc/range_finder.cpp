@@ -72,15 +72,16 @@ Ritz select(const Ritz& a, const Tensor& idx) {
 }
 
 // (U, S, V) from a Ritz step and the basis it was taken on.
+// Q, Y, Z may be stored in float32 (see fused_passes): the products widen them a row chunk at a time.
 std::tuple<Tensor, Tensor, Tensor> ritz_vectors(const Ritz& z, const Tensor& Q, const Tensor& Y, const Tensor& Z) {
   auto sinv = at::where(z.sc > 0, z.sc.reciprocal(), at::zeros_like(z.sc));
-  auto U = at::bmm(Y, z.TU);
-  auto V = at::bmm(Z, z.TU) * sinv.unsqueeze(-2);
+  auto U = nn_f64(Y, z.TU);
+  auto V = nn_f64(Z, z.TU) * sinv.unsqueeze(-2);
   // One sync for the group: only where fewer than r directions of W Q are numerically nonzero does
   // the left step have nothing to offer beyond them; there the right step needs no division.
   if (z.enough.all().item<bool>()) return {U, z.sc, V};
   auto e3 = z.enough.view({-1, 1, 1}), e2 = z.enough.view({-1, 1});
-  return {at::where(e3, U, at::bmm(Y, z.Tr)), at::where(e2, z.sc, z.sig_r), at::where(e3, V, at::bmm(Q, z.Xr))};
+  return {at::where(e3, U, nn_f64(Y, z.Tr)), at::where(e2, z.sc, z.sig_r), at::where(e3, V, nn_f64(Q, z.Xr))};
 }
 
 // Change of each Ritz pair between two consecutive steps (prev's basis is a prefix of cur's).
@@ -167,6 +168,7 @@ Factors fused_passes(at::TensorList W_all, const Tensor& omega, int64_t r, int64
   const int64_t b = omega.size(0), n = omega.size(1), l = omega.size(2), m = W_all[0].size(0);
   const auto f64 = omega.options().dtype(at::kDouble);
   const bool stopping = krylov && stop.active() && niter >= 1;
+  const bool trim_between_passes = dev.is_cpu() && b * (2 * n + m) * l * (niter + 1) * 4 >= (int64_t(1) << 21);
   const bool estimating = krylov && (want_estimate || stopping) && niter >= 1;
 
   // Outputs, filled as matrices finish (all at the last step unless they stop early).
@@ -184,39 +186,40 @@ Factors fused_passes(at::TensorList W_all, const Tensor& omega, int64_t r, int64
 
   Tensor Q = orthonormalize(omega.to(at::kDouble), normalizer);
   // c: the per-matrix pass scale, undefined when every matrix is fine unscaled (the usual case).
+  // Pass outputs in the passes' dtype, and in float64 divided by c where a scale was needed.
   auto run = [&](const Tensor& Qi, const Tensor& c) {
-    if (!c.defined()) {
-      auto [Yi, Zi] = call_gram(W, Qi.to(acc));
-      return std::make_pair(Yi.to(at::kDouble), Zi.to(at::kDouble));
-    }
+    if (!c.defined()) return call_gram(W, Qi.to(acc));
     auto [Yi, Zi] = call_gram(W, (Qi * c).to(acc));
-    return std::make_pair(Yi.to(at::kDouble) / c, Zi.to(at::kDouble) / c);
+    return std::make_tuple(Yi.to(at::kDouble) / c, Zi.to(at::kDouble) / c);
   };
-  auto [Y0, Z0] = call_gram(W, Q.to(acc));
+  auto [Yd, Zd] = call_gram(W, Q.to(acc));
   bool redo = false;
-  Tensor c = pass_scale(W, Y0, Z0, &redo);
-  Tensor Yd, Zd;
+  Tensor c = pass_scale(W, Yd, Zd, &redo);
   if (!redo) c = Tensor();
   if (redo) {
     std::tie(Yd, Zd) = run(Q, c);
     TORCH_CHECK_VALUE(at::isfinite(Zd).all().item<bool>(), "pissa_factors: a weight contains NaN or Inf");
-  } else {
-    Yd = Y0.to(at::kDouble);
-    Zd = Z0.to(at::kDouble);
   }
   // The Krylov basis, its images and their Gram matrices, preallocated: block i lives in columns
-  // [i l, (i + 1) l).
+  // [i l, (i + 1) l). Q, Y and Z are stored in the passes' dtype (float32 for all but float64
+  // weights): the passes' outputs Y and Z are float32 anyway, and the pass only ever sees Q rounded
+  // to float32, so storing them in float64 adds nothing but memory (half of the peak extra memory of
+  // a 4096 x 11008 weight). Only the pathological scales (c defined) keep float64: Y / c and Z / c
+  // may be outside float32's range. The small steps widen them to float64 where they compute.
+  const auto store_dt = c.defined() ? at::kDouble : acc;
   const int64_t blocks = krylov ? niter + 1 : 1, Lmax = l * blocks;
-  auto Qall = at::empty({b, n, Lmax}, f64), Yall = at::empty({b, m, Lmax}, f64), Zall = at::empty({b, n, Lmax}, f64);
+  const auto sto = omega.options().dtype(store_dt);
+  auto Qall = at::empty({b, n, Lmax}, sto), Yall = at::empty({b, m, Lmax}, sto), Zall = at::empty({b, n, Lmax}, sto);
   auto YY = at::empty({b, Lmax, Lmax}, f64), ZZ = at::empty({b, Lmax, Lmax}, f64);
   auto store = [&](int64_t blk, const Tensor& Qi, const Tensor& Yi, const Tensor& Zi) {
     Qall.narrow(-1, blk * l, l).copy_(Qi);
     Yall.narrow(-1, blk * l, l).copy_(Yi);
     Zall.narrow(-1, blk * l, l).copy_(Zi);
-    // New block row and column of the Gram matrices (symmetric).
+    // New block row and column of the Gram matrices (symmetric), in float64 from the exact widening
+    // of the stored blocks.
     const int64_t L = (blk + 1) * l;
-    auto yy = at::bmm(Yall.narrow(-1, 0, L).mT(), Yi);  // [b, L, l]
-    auto zz = at::bmm(Zall.narrow(-1, 0, L).mT(), Zi);
+    auto yy = tn_f64(Yall.narrow(-1, 0, L), Yi.to(at::kDouble));  // [b, L, l]
+    auto zz = tn_f64(Zall.narrow(-1, 0, L), Zi.to(at::kDouble));
     YY.narrow(1, 0, L).narrow(2, blk * l, l).copy_(yy);
     YY.narrow(1, blk * l, l).narrow(2, 0, L).copy_(yy.mT());
     ZZ.narrow(1, 0, L).narrow(2, blk * l, l).copy_(zz);
@@ -248,9 +251,12 @@ Factors fused_passes(at::TensorList W_all, const Tensor& omega, int64_t r, int64
   for (int64_t i = 0; i <= niter; ++i) {
     const int64_t blk = krylov ? i : 0;
     if (i > 0) {
+      // At the end of this block, hand back the pages of the float64 temporaries this step freed,
+      // before the Ritz step and the next pass allocate theirs (see ReleaseFreeHeap).
+      ReleaseFreeHeap trim_now(trim_between_passes);
       auto Zprev = Zall.narrow(-1, (krylov ? i - 1 : 0) * l, l);
-      Tensor Qn = krylov ? orthonormalize_against(Zprev, Qall.narrow(-1, 0, i * l), normalizer)
-                         : orthonormalize(Zprev, normalizer);
+      Tensor Qn = krylov ? orthonormalize_against(Zprev.to(at::kDouble), Qall.narrow(-1, 0, i * l), normalizer)
+                         : orthonormalize(Zprev.to(at::kDouble), normalizer);
       auto [Yi, Zi] = run(Qn, c);
       store(blk, Qn, Yi, Zi);
     }

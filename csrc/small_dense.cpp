@@ -5,6 +5,10 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
+
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -34,12 +38,20 @@ SmallStepsOnOneThread::~SmallStepsOnOneThread() {
   }
 }
 
-AllThreads::AllThreads() {
-  if (full_threads > 1) at::set_num_threads(full_threads);
+AllThreads::AllThreads(bool on) : on(on && full_threads > 1) {
+  if (this->on) at::set_num_threads(full_threads);
 }
 
 AllThreads::~AllThreads() {
-  if (full_threads > 1) at::set_num_threads(1);
+  if (on) at::set_num_threads(1);
+}
+
+bool pass_wants_threads(at::TensorList W) { return !W.empty() && W[0].numel() >= (int64_t(1) << 20); }
+
+ReleaseFreeHeap::~ReleaseFreeHeap() {
+#if defined(__GLIBC__)
+  if (on) malloc_trim(0);
+#endif
 }
 
 std::tuple<Tensor, Tensor> call_gram(at::TensorList W, const Tensor& V) {
@@ -47,7 +59,7 @@ std::tuple<Tensor, Tensor> call_gram(at::TensorList W, const Tensor& V) {
                        .findSchemaOrThrow("pissa_fast::gram", "")
                        .typed<std::tuple<Tensor, Tensor>(at::TensorList, const Tensor&)>();
   auto Vc = V.contiguous();
-  AllThreads all;
+  AllThreads all(pass_wants_threads(W));
   return op.call(W, Vc);
 }
 
@@ -56,7 +68,7 @@ Tensor call_wx(at::TensorList W, const Tensor& X) {
                        .findSchemaOrThrow("pissa_fast::wx", "")
                        .typed<Tensor(at::TensorList, const Tensor&)>();
   auto Xc = X.contiguous();
-  AllThreads all;
+  AllThreads all(pass_wants_threads(W));
   return op.call(W, Xc);
 }
 
@@ -65,7 +77,7 @@ Tensor call_wtx(at::TensorList W, const Tensor& Y) {
                        .findSchemaOrThrow("pissa_fast::wtx", "")
                        .typed<Tensor(at::TensorList, const Tensor&)>();
   auto Yc = Y.contiguous();
-  AllThreads all;
+  AllThreads all(pass_wants_threads(W));
   return op.call(W, Yc);
 }
 
@@ -114,8 +126,53 @@ Tensor orthonormalize(const Tensor& X, const std::string& normalizer) {
   return Q;
 }
 
+namespace {
+
+// Rows of A per chunk: about 1 MiB of float64 per matrix; all of them when A is float64 or small.
+// Independent of the group size, so that a group makes the same calls as one matrix.
+int64_t wide_rows(const Tensor& A) {
+  const int64_t n = A.size(1);
+  if (A.scalar_type() == at::kDouble) return n;
+  const int64_t per_row = std::max<int64_t>(1, A.size(2) * 8);
+  return std::max<int64_t>(1, std::min<int64_t>(n, (int64_t(1) << 20) / per_row));
+}
+
+// out = Y - A C (Y defined) or A C, chunk by chunk of rows.
+Tensor nn_rows(const Tensor* Y, const Tensor& A, const Tensor& C) {
+  const int64_t n = A.size(1), R = wide_rows(A);
+  if (R >= n) {
+    auto Aw = A.to(at::kDouble);
+    return Y ? at::baddbmm(*Y, Aw, C, 1, -1) : at::bmm(Aw, C);
+  }
+  auto out = Y ? Y->clone(at::MemoryFormat::Contiguous) : at::zeros({A.size(0), n, C.size(-1)}, C.options());
+  for (int64_t i = 0; i < n; i += R) {
+    const int64_t k = std::min(R, n - i);
+    out.narrow(1, i, k).baddbmm_(A.narrow(1, i, k).to(at::kDouble), C, 1, Y ? -1 : 1);
+  }
+  return out;
+}
+
+}  // namespace
+
+Tensor tn_f64(const Tensor& A, const Tensor& B) {
+  const int64_t n = A.size(1), R = wide_rows(A);
+  if (R >= n) return at::bmm(A.to(at::kDouble).mT(), B);
+  Tensor out;
+  for (int64_t i = 0; i < n; i += R) {
+    const int64_t k = std::min(R, n - i);
+    auto a = A.narrow(1, i, k).to(at::kDouble).mT();
+    auto bb = B.narrow(1, i, k);
+    out = out.defined() ? at::baddbmm(out, a, bb) : at::bmm(a, bb);
+  }
+  return out;
+}
+
+Tensor nn_f64(const Tensor& A, const Tensor& C) { return nn_rows(nullptr, A, C); }
+
+Tensor minus_nn_f64(const Tensor& Y, const Tensor& A, const Tensor& C) { return nn_rows(&Y, A, C); }
+
 Tensor orthonormalize_against(const Tensor& X, const Tensor& Qprev, const std::string& normalizer) {
-  auto project = [&](const Tensor& Y) { return at::baddbmm(Y, Qprev, at::bmm(Qprev.mT(), Y), 1, -1); };
+  auto project = [&](const Tensor& Y) { return minus_nn_f64(Y, Qprev, tn_f64(Qprev, Y)); };
   if (normalizer == "qr") return orthonormalize(project(orthonormalize(project(X), normalizer)), normalizer);
   // Block Gram-Schmidt twice with one CholeskyQR sweep each (BCGS2): the second projection and
   // sweep are the reorthogonalization that CholeskyQR2's second sweep would be. A block the

@@ -21,10 +21,29 @@ struct SmallStepsOnOneThread {
   bool owner;
 };
 
-// Every thread, for the duration of a pass over W (or a full SVD).
+// Every thread, for the duration of a pass over W (or a full SVD); `on` false keeps the one thread.
 struct AllThreads {
-  AllThreads();
+  explicit AllThreads(bool on = true);
   ~AllThreads();
+  bool on;
+};
+
+// Whether a pass over W is big enough to gain from more threads: below 2^20 elements per matrix a
+// pass (a few MFLOP) is latency-bound, and on the project's 2-core machine with OMP_WAIT_POLICY=PASSIVE
+// waking the second thread for each parallel region cost more than it saved (576 x 576 bf16, r 16,
+// niter 4: 6.3-6.5 ms per decompose on 1 thread, 8.2-9.5 ms on 2; benchmarks/RESULTS.md).
+bool pass_wants_threads(at::TensorList W);
+
+// Hands the free pages of the C heap back to the system when it goes out of scope (glibc's
+// malloc_trim; a no-op elsewhere or when `on` is false). glibc serves allocations below its dynamic
+// mmap threshold (raised to the largest block freed so far, often several MiB once a model is loaded)
+// from the heap, whose freed pages stay resident: the float64 temporaries of one weight's small steps
+// then left holes that the next weight's did not fit, and one bf16 LLaMA-2-7B layer in place peaked
+// at 15 % extra resident memory instead of the 8 % its tensors reach (benchmarks/RESULTS.md).
+struct ReleaseFreeHeap {
+  explicit ReleaseFreeHeap(bool on) : on(on) {}
+  ~ReleaseFreeHeap();
+  bool on;
 };
 
 // The passes over the weights, through the dispatcher (CPU or CUDA kernels).
@@ -39,8 +58,16 @@ at::Tensor call_wtx(at::TensorList W, const at::Tensor& Y);
 // reference; it factorizes the tall block itself.
 at::Tensor orthonormalize(const at::Tensor& X, const std::string& normalizer);
 
-// X's columns made orthonormal against the orthonormal Qprev (block Gram-Schmidt, twice).
+// X's columns made orthonormal against the orthonormal Qprev (block Gram-Schmidt, twice). Qprev may
+// be stored in float32 (it is widened a row chunk at a time); X and the result are float64.
 at::Tensor orthonormalize_against(const at::Tensor& X, const at::Tensor& Qprev, const std::string& normalizer);
+
+// Products with a tall block A [b, n, L] of any floating dtype, computed in float64 with A widened a
+// row chunk (about 1 MiB of float64) at a time: a float32-stored Krylov block never has a full
+// float64 copy. A float64 A, or one whose float64 copy fits in a chunk, takes one call.
+at::Tensor tn_f64(const at::Tensor& A, const at::Tensor& B);  // A^T B, B [b, n, k] float64
+at::Tensor nn_f64(const at::Tensor& A, const at::Tensor& C);  // A C, C [b, L, k] float64
+at::Tensor minus_nn_f64(const at::Tensor& Y, const at::Tensor& A, const at::Tensor& C);  // Y - A C
 
 // Symmetric eigendecomposition of a stack of small matrices, ascending, in one call. On CUDA the
 // stack goes to the host in one transfer (see small_dense.cpp for why), unless

@@ -156,8 +156,9 @@ def _draw(gen, n, l, dtype, device):
 def _batch_bytes(mat, l, niter, method) -> int:
     """Memory one more matrix adds to a group call, at its peak: an upper estimate.
 
-    pissa_factors keeps the float64 basis Q and its images W Q, W^T W Q for every Krylov block
-    (8 width (2n + m) bytes; counted as 8 width 3 (m + n) for the orthonormalization's temporaries), and
+    pissa_factors keeps the basis Q and its images W Q, W^T W Q for every Krylov block (float32 but
+    for float64 weights or pathological scales, so at most 8 width (2n + m) bytes; counted as
+    8 width 3 (m + n) for the orthonormalization's temporaries), and
     each pass adds its float32 outputs with their float64 copies and, for the ATen passes, the hi/lo
     parts of the test vectors and partial sums: under 64 l (m + n) bytes. The factors A, B, S and the
     residual's split parts (3r wide, r <= l) fit in the same allowance.

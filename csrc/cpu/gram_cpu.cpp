@@ -62,11 +62,16 @@ at::Tensor wx_cpu(at::TensorList W, const at::Tensor& X) {
   return Y;
 }
 
-// Z[j] = sum over row blocks of W_b^T @ Y_b, Y_b = make_y(W_b, row0).
+// Z[j] = sum over row blocks of W_b^T @ Y_b, Y_b = make_y(W_b, row0), accumulated as its transpose
+// Z^T += Y_b^T W_b in a k x n buffer and transposed once at the end: MKL's sgemm with the tall W_b
+// as the transposed operand ran 2.2x slower on 2 threads than with it as is (4096^2, k = 16: 32 vs
+// 14 ms; 576^2: 0.9 vs 0.14 ms; torch 2.14.1's MKL 2024.2, benchmarks/RESULTS.md), and that product
+// is half of every pass.
 template <typename BlockFn>
 void accumulate_wt(const at::Tensor& Wj, at::Tensor Zj, BlockFn make_y) {
-  Zj.zero_();
-  for_each_block(Wj, [&](const at::Tensor& blk, int64_t i) { Zj.addmm_(blk.t(), make_y(blk, i)); });
+  auto Zt = at::zeros({Zj.size(1), Zj.size(0)}, Zj.options());
+  for_each_block(Wj, [&](const at::Tensor& blk, int64_t i) { Zt.addmm_(make_y(blk, i).t(), blk); });
+  Zj.copy_(Zt.t());
 }
 
 at::Tensor wtx_cpu(at::TensorList W, const at::Tensor& Y) {
