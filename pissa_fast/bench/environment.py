@@ -9,21 +9,11 @@ import sys
 
 import torch
 
+from ..machine import cpu_model, loadavg
 from .args import DEFAULT_SHAPE
 from .workload import MODELS
 
 # -------------------------------------------------------------------------------------- environment
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
 
 def _argv() -> list[str]:
     """sys.argv with the program named as it was run (`pissa-fast`, or `python -m ...`)."""
@@ -37,13 +27,6 @@ def _argv() -> list[str]:
         elif os.path.basename(prog) == "pissa-fast":
             argv[0] = "pissa-fast"
     return argv
-
-
-def _loadavg():
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except (OSError, AttributeError):
-        return None
 
 
 def environment(cfg) -> dict:
@@ -60,11 +43,11 @@ def environment(cfg) -> dict:
         "pissa_fast_build": pissa_fast.build_info(),
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "device": str(dev),
-        "loadavg_start": _loadavg(),
+        "loadavg_start": loadavg(),
     }
     if dev.type == "cuda":
         props = torch.cuda.get_device_properties(dev)
@@ -113,12 +96,12 @@ def _describe(cfg) -> list[str]:
                  f"median of {cfg['repeats']} runs after {cfg['warmup']} warm-up; niter inf = exact SVD, timed once")
     lines.append(f"methods: pissa_fast.decompose (method {cfg['pf_method'] or 'default'}, residual "
                  f"{cfg['residual']}) vs the peft path (torch.svd_lowrank q=r + W - B A)")
-    lines.append(f"device: {cfg['device']}, {cfg['threads']} thread{'s' if cfg['threads'] != 1 else ''}, {_cpu_model()}")
+    lines.append(f"device: {cfg['device']}, {cfg['threads']} thread{'s' if cfg['threads'] != 1 else ''}, {cpu_model()}")
     return lines
 
 
 def _warn_if_busy(threads: int) -> str | None:
-    la = _loadavg()
+    la = loadavg()
     if la and la[0] > (os.cpu_count() or 1) * 0.5 + 0.25:
         msg = (f"note: load average {la[0]} on {os.cpu_count()} CPUs before starting: other work is running, so "
                "CPU timings will be noisy")

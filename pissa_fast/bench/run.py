@@ -9,9 +9,10 @@ import time
 
 import torch
 
+from ..machine import loadavg
 from ..options import progress_enabled
 from .config import _resolve
-from .environment import _clean, _describe, _dtype_name, _loadavg, _warn_if_busy, environment
+from .environment import _clean, _describe, _dtype_name, _warn_if_busy, environment
 from .measure import INF, Runner, sync, truncated, whole_model
 from .summary import _markdown_report, _text_report, _time_label, _workload_title
 from .workload import materialize
@@ -58,7 +59,7 @@ def _run(args) -> int:
     finally:
         bar.close()
     wall = time.perf_counter() - t_start
-    env["loadavg_end"] = _loadavg()
+    env["loadavg_end"] = loadavg()
     env["wall_s"] = round(wall, 2)
 
     results = {"environment": env,

@@ -8,25 +8,8 @@ import platform
 
 import torch
 
+from ..machine import cpu_model, loadavg
 from .methods import ALL_METHOD_NAMES, DEFAULT_QPISSA_ITERS, METHODS, QUANT_METHODS
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def loadavg():
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except (OSError, AttributeError):
-        return None
 
 
 def environment() -> dict:

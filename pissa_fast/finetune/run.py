@@ -16,9 +16,10 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..machine import loadavg
 from . import methods as M
 from .plots import write_plots
-from .report import environment, loadavg, write_report
+from .report import environment, write_report
 from .task import make_batches
 from .train import run_method
 

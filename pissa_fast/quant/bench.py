@@ -27,6 +27,7 @@ import torch
 
 from ..bench.report import fmt_err, fmt_time
 from ..bench.workload import MODELS, PROJECTIONS, synthetic_weight
+from ..machine import cpu_model
 from ..options import DTYPE_NAMES, parse_dtype, parse_niter, progress_enabled
 from .error import quant_error
 from .loftq import loftq, loftq_reference, qlora
@@ -306,18 +307,12 @@ def plot(records, summary, cfg, out_dir) -> list[str]:
 
 
 def environment() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.lower().startswith("model name")), cpu)
-    except OSError:
-        pass
     import bitsandbytes
     import peft
     return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "argv": ["pissa-fast"] + sys.argv[1:] if sys.argv[0].endswith(("pissa-fast", "cli.py")) else sys.argv,
             "torch": torch.__version__, "bitsandbytes": bitsandbytes.__version__, "peft": peft.__version__,
-            "python": platform.python_version(), "cpu": cpu, "threads": torch.get_num_threads(),
+            "python": platform.python_version(), "cpu": cpu_model(), "threads": torch.get_num_threads(),
             "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
