@@ -28,6 +28,18 @@ def _seed():
     torch.manual_seed(1234)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module (tests of whole tiny models and CLI runs: they gain nothing from
+    threads, OpenMP's spin-waits make each tiny op far slower on a shared 2-core machine, and CPU
+    results are bitwise reproducible for a given thread count); restored after the module. Use with
+    `pytestmark = [..., pytest.mark.usefixtures("one_torch_thread")]`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def spectrum_matrix(m, n, s, dtype=torch.float64, device="cpu", seed=0):
     """W = U diag(s) V^T with Haar-random orthonormal U (m x k), V (n x k), k = len(s); returns
     (W in dtype, U, s, V in float64)."""

@@ -22,18 +22,8 @@ from pissa_fast.hf.checkpoint import open_checkpoint  # noqa: E402
 from pissa_fast.init import outdir, pipeline  # noqa: E402
 from pissa_fast.io.staging import is_tmp  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore")
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.usefixtures("one_torch_thread")]
 STAGING = ".pissa_fast_staging"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads; on a shared 2-core machine OpenMP spin-waits make each
-    tiny op far slower. Restored after this module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

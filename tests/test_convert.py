@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from pissa_fast.convert import convert_to_lora, truncate
 from pissa_fast.errors import CheckpointError
 
-pytestmark = pytest.mark.filterwarnings("ignore")
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.usefixtures("one_torch_thread")]
 
 
 class _LargestTensor(TorchDispatchMode):
@@ -52,14 +52,6 @@ peft = pytest.importorskip("peft")
 
 from ckpt_helpers import cli, load_pissa, logits, make_llama, tokens, train_adapter  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

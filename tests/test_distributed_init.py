@@ -29,20 +29,11 @@ from pissa_fast.hf.checkpoint import open_checkpoint  # noqa: E402
 from pissa_fast.init.plan import split_shards  # noqa: E402
 from pissa_fast.io.staging import is_tmp  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore")
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.usefixtures("one_torch_thread")]
 STAGING = ".pissa_fast_staging"
 ARGS = ["--r", 8, "--target-modules", "all-linear"]
 ENV = {"PISSA_FAST_DIST_TIMEOUT": "60", "PISSA_FAST_PROGRESS": "0", "HF_HUB_OFFLINE": "1"}
 PRELOAD = ("transformers", "peft", "pissa_fast.init", "pissa_fast.hf.skeleton", "pissa_fast.hf.targets")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One thread, as every rank has: CPU results are bitwise reproducible for a given thread count."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

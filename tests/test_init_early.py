@@ -19,15 +19,7 @@ from pissa_fast.hf import skeleton  # noqa: E402
 from pissa_fast.hf.checkpoint import open_checkpoint  # noqa: E402
 from pissa_fast.init import api, pipeline, speculate  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(autouse=True)

@@ -19,15 +19,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 import pissa_fast  # noqa: E402
 from pissa_fast.errors import CheckpointError  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.usefixtures("one_torch_thread")]
 
 
 def test_bert_encoder_sentence_embedding_layout(tmp_path, capsys):

@@ -22,15 +22,7 @@ from pissa_fast.quant import bnb_config, quant_error, read_settings  # noqa: E40
 from pissa_fast.quant.nf4 import QuantSpec, round_trip_exact  # noqa: E402
 from pissa_fast.quant.qpissa import DEFAULT_SCALES, DEFAULT_START  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.usefixtures("one_torch_thread")]
 
 
 def make_model(path, dtype, *, gpt2=False, seed=0):

@@ -16,17 +16,7 @@ from peft_models import (  # noqa: E402
 
 from pissa_fast.peft import add_adapter, get_peft_model, pissa_niter  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine OpenMP's spin-waits make
-    each tiny op take up to 100x longer; restored after this module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.usefixtures("one_torch_thread")]
 
 
 # ------------------------------------------------------------------------------------------------
