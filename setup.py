@@ -82,11 +82,15 @@ def extensions():
     debug = _flag("DEBUG")
     cxx = ["-O0", "-g"] if debug else ["-O3"]
     cxx += ["-std=c++20", "-fdiagnostics-color=always"]
+    # at::parallel_for is OpenMP in torch's wheels, inlined from the headers: without -fopenmp it runs
+    # serially. The library then uses the libgomp that torch has already loaded (same soname).
+    cxx += ["-fopenmp"]
+    link = ["-fopenmp"]
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cuda = _want_cuda() and bool(glob.glob("csrc/cuda/*.cu"))
     if not cuda:
         return [CppExtension("pissa_fast._C", sources, extra_compile_args={"cxx": cxx},
-                             py_limited_api=False)]
+                             extra_link_args=link, py_limited_api=False)]
     archs = _arch_list()
     # csrc/cuda/*.cpp: host code that needs the CUDA headers (the switch between the kernels and the
     # ATen passes); *.cu: the kernels.
@@ -97,7 +101,7 @@ def extensions():
     return [CUDAExtension(
         "pissa_fast._C", sources, define_macros=define,
         include_dirs=_nvidia_pip_dirs("include"), library_dirs=_nvidia_pip_dirs("lib"),
-        extra_compile_args={"cxx": cxx, "nvcc": nvcc})]
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link)]
 
 
 # --- peft backend (i9): PISSA_FAST_PEFT=1 startup hook and the tested peft range ---

@@ -67,6 +67,9 @@ TORCH_LIBRARY(pissa_fast, m) {
   // impl "aten" | "kernels" | "default"; get returns (setting, what a call on `device` runs now).
   m.def("set_cuda_passes(str impl) -> ()");
   m.def("get_cuda_passes(int device=-1) -> (str, str)");
+  // The bf16 gram pass on AMX tiles (csrc/cpu/gram_amx.h): mode 1 on where the CPU has it (the default
+  // unless PISSA_FAST_CPU_AMX=0), 0 off, -1 query; returns whether it is on now.
+  m.def("_cpu_amx(int mode=-1) -> bool");
   // Test hooks: the row-block size and the code path of the CPU registration of the *_aten ops.
   m.def("_set_aten_cpu_config(int block_bytes, bool native) -> ()");
   m.def("_get_aten_cpu_config() -> (int, bool)");

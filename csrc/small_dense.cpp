@@ -128,13 +128,24 @@ Tensor orthonormalize(const Tensor& X, const std::string& normalizer) {
 
 namespace {
 
-// Rows of A per chunk: about 1 MiB of float64 per matrix; all of them when A is float64 or small.
-// Independent of the group size, so that a group makes the same calls as one matrix.
+// Rows of A per chunk: about 256 KiB of float64 per matrix (it stays in the core's L2 cache between
+// the widening copy and the GEMM that reads it); all of them when A is float64 or its float64 copy
+// is at most 1 MiB (one call beats several there). Independent of the group size, so that a group
+// makes the same calls as one matrix.
+constexpr int64_t kChunkBytes = int64_t(1) << 18, kWholeBytes = int64_t(1) << 20;
+
 int64_t wide_rows(const Tensor& A) {
   const int64_t n = A.size(1);
   if (A.scalar_type() == at::kDouble) return n;
   const int64_t per_row = std::max<int64_t>(1, A.size(2) * 8);
-  return std::max<int64_t>(1, std::min<int64_t>(n, (int64_t(1) << 20) / per_row));
+  if (n * per_row <= kWholeBytes) return n;
+  return std::max<int64_t>(16, std::min<int64_t>(n, kChunkBytes / per_row));
+}
+
+// One float64 buffer for the chunks of a call, reused: a fresh tensor per chunk would be a fresh
+// mapping above glibc's mmap threshold, page-faulted anew each time (that cost more than the GEMMs).
+Tensor chunk_buffer(const Tensor& A, int64_t R, const Tensor& like) {
+  return at::empty({A.size(0), R, A.size(2)}, like.options());
 }
 
 // out = Y - A C (Y defined) or A C, chunk by chunk of rows.
@@ -144,10 +155,14 @@ Tensor nn_rows(const Tensor* Y, const Tensor& A, const Tensor& C) {
     auto Aw = A.to(at::kDouble);
     return Y ? at::baddbmm(*Y, Aw, C, 1, -1) : at::bmm(Aw, C);
   }
-  auto out = Y ? Y->clone(at::MemoryFormat::Contiguous) : at::zeros({A.size(0), n, C.size(-1)}, C.options());
+  auto out = Y ? Y->clone(at::MemoryFormat::Contiguous) : at::empty({A.size(0), n, C.size(-1)}, C.options());
+  auto buf = chunk_buffer(A, R, C);
   for (int64_t i = 0; i < n; i += R) {
     const int64_t k = std::min(R, n - i);
-    out.narrow(1, i, k).baddbmm_(A.narrow(1, i, k).to(at::kDouble), C, 1, Y ? -1 : 1);
+    auto a = buf.narrow(1, 0, k);
+    a.copy_(A.narrow(1, i, k));
+    // beta 0 ignores what an uninitialized out holds (NaN included).
+    out.narrow(1, i, k).baddbmm_(a, C, Y ? 1 : 0, Y ? -1 : 1);
   }
   return out;
 }
@@ -157,12 +172,13 @@ Tensor nn_rows(const Tensor* Y, const Tensor& A, const Tensor& C) {
 Tensor tn_f64(const Tensor& A, const Tensor& B) {
   const int64_t n = A.size(1), R = wide_rows(A);
   if (R >= n) return at::bmm(A.to(at::kDouble).mT(), B);
-  Tensor out;
+  auto out = at::zeros({A.size(0), A.size(2), B.size(2)}, B.options());
+  auto buf = chunk_buffer(A, R, B);
   for (int64_t i = 0; i < n; i += R) {
     const int64_t k = std::min(R, n - i);
-    auto a = A.narrow(1, i, k).to(at::kDouble).mT();
-    auto bb = B.narrow(1, i, k);
-    out = out.defined() ? at::baddbmm(out, a, bb) : at::bmm(a, bb);
+    auto a = buf.narrow(1, 0, k);
+    a.copy_(A.narrow(1, i, k));
+    out.baddbmm_(a.mT(), B.narrow(1, i, k));
   }
   return out;
 }

@@ -12,9 +12,12 @@
 
 namespace pissa_fast {
 
-// On CPU the small dense steps (tens of ATen calls on n x l and L x L tensors) are latency-bound:
-// each parallel region costs a barrier over all threads, which on a busy machine costs far more than
-// the work. They run on one thread; the passes over W get every thread back while they run.
+// On CPU the small dense steps of a small weight (tens of ATen calls on n x l and L x L tensors) are
+// latency-bound: each parallel region costs a barrier over all threads, which costs more than the
+// work. There they run on one thread, and the passes over W get every thread back while they run.
+// The small steps of a weight big enough for its passes to want threads (pass_wants_threads) keep
+// every thread: their float64 GEMMs (O((m + n) L l) per step) then gain from it (4096^2, r 64,
+// niter 2: 342 -> 275 ms, benchmarks/RESULTS.md).
 struct SmallStepsOnOneThread {
   explicit SmallStepsOnOneThread(bool cpu);
   ~SmallStepsOnOneThread();

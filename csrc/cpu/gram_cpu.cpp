@@ -12,6 +12,7 @@
 
 
 #include "../checks.h"
+#include "gram_amx.h"
 
 namespace pissa_fast {
 namespace {
@@ -94,6 +95,10 @@ std::tuple<at::Tensor, at::Tensor> gram_cpu(at::TensorList W, const at::Tensor& 
   auto Z = at::empty({b, n, k}, V.options());
   for (int64_t j = 0; j < b; ++j) {
     auto Vj = V[j], Yj = Y[j];
+    if (cpu_amx::takes(W[j]) && V.scalar_type() == at::kFloat) {  // bf16 on AMX tiles (gram_amx.h)
+      cpu_amx::gram(W[j], Vj, Yj, Z[j]);
+      continue;
+    }
     accumulate_wt(W[j], Z[j], [&](const at::Tensor& blk, int64_t i) {
       auto Yb = Yj.narrow(0, i, blk.size(0));
       at::mm_out(Yb, blk, Vj);
@@ -104,6 +109,10 @@ std::tuple<at::Tensor, at::Tensor> gram_cpu(at::TensorList W, const at::Tensor& 
 }
 
 }  // namespace
+
+TORCH_LIBRARY_IMPL(pissa_fast, CompositeImplicitAutograd, m) {
+  m.impl("_cpu_amx", [](int64_t mode) { return cpu_amx::set_mode(mode); });
+}
 
 TORCH_LIBRARY_IMPL(pissa_fast, CPU, m) {
   m.impl("wx", &wx_cpu);

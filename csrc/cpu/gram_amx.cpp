@@ -1,0 +1,342 @@
+// The gram pass of a bf16 weight on AMX tiles (see gram_amx.h).
+//
+// Why: on the project's CPU (a 2-core Xeon with AMX) the float32 gram pass ran at MKL's thin-GEMM
+// rate, about 100 GFLOP/s, and the passes were two thirds of a decomposition. AMX multiplies bf16
+// pairs with float32 accumulation at many times that rate, so the pass becomes bound by reading W
+// (benchmarks/RESULTS.md has the measurements).
+//
+// Precision: a product of two bf16 values is exact in float32 and AMX accumulates in float32, so W is
+// used as it is. The float32 operand that is not W (V for Y = W V, then Y for Z = W^T Y) is split
+// into three bf16 parts, x = hi + mid + lo, each the rounding of what the earlier parts left (the
+// differences are exact in float32): hi + mid + lo carries x to float32's own precision. The parts
+// are stacked along the sum's dimension, so they accumulate into the same float32 tile. AMX flushes
+// denormals; the caller's pass scale keeps
+// the products far from that range.
+//
+// Layout. AMX computes C[16 x 16] += A[16 x 32] B[32 x 16] with B stored as 16 rows of 16 bf16 pairs
+// (VNNI: row i holds B[2i][j], B[2i+1][j] side by side). Y = W V takes A tiles straight from W's rows
+// and B tiles from a packed copy of V's parts. Z^T = Y^T W needs W as the B operand, so each block of
+// rows of W (about 1 MiB) is first repacked in VNNI order (a copy that stays in L2); its A tiles are Y's
+// parts, transposed. Rows are split over the threads in fixed ranges, each with its own Z^T partial,
+// summed in a fixed order: the result is deterministic for a given thread count.
+#include "gram_amx.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
+#define PF_HAVE_AMX 1
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+namespace pissa_fast {
+namespace cpu_amx {
+namespace {
+
+constexpr int kParts = 3;             // hi, mid, lo
+constexpr int kGroup = 5;             // accumulator tiles per sweep: tiles 0-4; tile 6 is A, tile 7 is B
+constexpr int64_t kTile = 512;        // bf16 elements per A or B tile (16 rows x 64 bytes)
+
+#ifdef PF_HAVE_AMX
+bool supported() {
+  static const bool ok = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    const bool avx512 = ((b >> 16) & 1) && ((b >> 30) & 1);  // AVX-512 F and BW (the VNNI repacking)
+    const bool amx = ((d >> 22) & 1) && ((d >> 24) & 1);     // AMX-BF16 and AMX-TILE
+    // Linux hands out the tile registers' state on request only (ARCH_REQ_XCOMP_PERM for
+    // XFEATURE_XTILEDATA); a kernel that refuses leaves the float32 path.
+    return avx512 && amx && syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  }();
+  return ok;
+}
+#else
+bool supported() { return false; }
+#endif
+
+std::atomic<int> g_mode{-1};  // -1: PISSA_FAST_CPU_AMX not read yet
+
+bool switched_on() {
+  int m = g_mode.load();
+  if (m < 0) {
+    const char* v = std::getenv("PISSA_FAST_CPU_AMX");
+    m = (v != nullptr && std::strcmp(v, "0") == 0) ? 0 : 1;
+    g_mode.store(m);
+  }
+  return m == 1;
+}
+
+#ifdef PF_HAVE_AMX
+
+inline uint16_t to_bf16(float x) { return c10::BFloat16(x).x; }  // round to nearest even
+
+inline float from_bf16(uint16_t v) {
+  const uint32_t u = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline void split(float x, uint16_t out[kParts]) {
+  for (int p = 0; p < kParts; ++p) {
+    out[p] = to_bf16(x);
+    x -= from_bf16(out[p]);  // exact in float32
+  }
+}
+
+// B tiles of the parts of X [rows, k] (float32, contiguous): tile (kc, t, p) holds part p of rows
+// [32 kc, 32 kc + 32), columns [16 t, 16 t + 16): element (i, j, e) = part p of X[32 kc + 2 i + e][16 t + j]
+// (zero for columns >= k).
+void pack_b(const float* X, int64_t rows, int64_t k, int64_t NT, uint16_t* out) {
+  std::memset(out, 0, sizeof(uint16_t) * (rows / 32) * NT * kParts * kTile);
+  uint16_t parts[kParts];
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t kc = r / 32, i = (r % 32) / 2, e = r % 2;
+    for (int64_t c = 0; c < k; ++c) {
+      split(X[r * k + c], parts);
+      uint16_t* dst = out + ((kc * NT + c / 16) * kParts) * kTile + i * 32 + (c % 16) * 2 + e;
+      for (int p = 0; p < kParts; ++p) dst[p * kTile] = parts[p];
+    }
+  }
+}
+
+// A tiles of the transposed parts of Y [rows, k]: tile (kc, t, p) holds part p of columns
+// [16 t, 16 t + 16) as rows and Y's rows [32 kc, 32 kc + 32) as columns.
+void pack_a_transposed(const float* Y, int64_t rows, int64_t k, int64_t NT, uint16_t* out) {
+  std::memset(out, 0, sizeof(uint16_t) * (rows / 32) * NT * kParts * kTile);
+  uint16_t parts[kParts];
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t kc = r / 32, col = r % 32;
+    for (int64_t c = 0; c < k; ++c) {
+      split(Y[r * k + c], parts);
+      uint16_t* dst = out + ((kc * NT + c / 16) * kParts) * kTile + (c % 16) * 32 + col;
+      for (int p = 0; p < kParts; ++p) dst[p * kTile] = parts[p];
+    }
+  }
+}
+
+// Rows [0, rows) of W (row stride ldw elements) in VNNI order: tile (kc, ct) at out + (kc (n / 16) + ct)
+// kTile, row i = W[32 kc + 2 i][16 ct + j] and W[32 kc + 2 i + 1][16 ct + j] interleaved, j < 16.
+__attribute__((target("avx512f,avx512bw"))) void pack_w(const uint16_t* W, int64_t ldw, int64_t rows, int64_t n,
+                                                         uint16_t* out) {
+  alignas(64) uint16_t lo_idx[32], hi_idx[32];
+  for (int j = 0; j < 16; ++j) {
+    lo_idx[2 * j] = uint16_t(j);
+    lo_idx[2 * j + 1] = uint16_t(32 + j);
+    hi_idx[2 * j] = uint16_t(16 + j);
+    hi_idx[2 * j + 1] = uint16_t(48 + j);
+  }
+  const __m512i lo = _mm512_load_si512(lo_idx), hi = _mm512_load_si512(hi_idx);
+  const int64_t nct = n / 16;
+  for (int64_t r = 0; r < rows; r += 2) {
+    const int64_t kc = r / 32, i = (r % 32) / 2;
+    const uint16_t* a = W + r * ldw;
+    const uint16_t* b = a + ldw;
+    uint16_t* dst = out + kc * nct * kTile + i * 32;
+    for (int64_t c = 0; c < n; c += 32) {
+      const __m512i va = _mm512_loadu_si512(a + c), vb = _mm512_loadu_si512(b + c);
+      _mm512_store_si512(dst + (c / 16) * kTile, _mm512_permutex2var_epi16(va, lo, vb));
+      _mm512_store_si512(dst + (c / 16 + 1) * kTile, _mm512_permutex2var_epi16(va, hi, vb));
+    }
+  }
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+__attribute__((target("amx-tile"))) void tiles_on() {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  // GCC does not see ldtilecfg read cfg and dropped the stores above: a barrier keeps them.
+  asm volatile("" : : "r"(&cfg) : "memory");
+  _tile_loadconfig(&cfg);
+}
+
+__attribute__((target("amx-tile"))) void tiles_off() { _tile_release(); }
+
+// Tile indices are immediates: the NG accumulators of a sweep are unrolled with these.
+#define PF_EACH(X) X(0) X(1) X(2) X(3) X(4)
+
+// out[16, 16 NT] (float32, row stride ldo bytes), columns [16 g0, 16 (g0 + NG)): the 16 rows of W at Wr
+// times V, its three parts accumulated in the same tile.
+template <int NG>
+__attribute__((target("amx-tile,amx-bf16"))) void y_strip(const uint16_t* Wr, int64_t ldw_bytes, int64_t KC,
+                                                         const uint16_t* Vp, int64_t NT, int64_t g0, float* out,
+                                                         int64_t ldo_bytes) {
+#define PF_ZERO(g) \
+  if constexpr (NG > g) _tile_zero(g);
+  PF_EACH(PF_ZERO)
+  for (int64_t kc = 0; kc < KC; ++kc) {
+    _tile_loadd(6, Wr + kc * 32, ldw_bytes);
+    const uint16_t* B = Vp + (kc * NT + g0) * kParts * kTile;
+#define PF_DOT(g)                                                \
+  if constexpr (NG > g) {                                        \
+    for (int p = 0; p < kParts; ++p) {                           \
+      _tile_loadd(7, B + (g * kParts + p) * kTile, 64);          \
+      _tile_dpbf16ps(g, 6, 7);                                   \
+    }                                                            \
+  }
+    PF_EACH(PF_DOT)
+  }
+#define PF_STORE(g) \
+  if constexpr (NG > g) _tile_stored(g, out + (g0 + g) * 16, ldo_bytes);
+  PF_EACH(PF_STORE)
+}
+
+// Zt[16 rt0 .. 16 (rt0 + NG), :] (float32, row stride ldz elements) += Y^T W for one repacked block of
+// KCb * 32 rows, Y's three parts accumulated in the same tile.
+template <int NG>
+__attribute__((target("amx-tile,amx-bf16"))) void z_block(const uint16_t* Wv, int64_t nct, const uint16_t* Yt,
+                                                         int64_t NT, int64_t KCb, int64_t rt0, float* Zt,
+                                                         int64_t ldz) {
+  for (int64_t ct = 0; ct < nct; ++ct) {
+    float* C = Zt + rt0 * 16 * ldz + ct * 16;
+#define PF_LOAD(g) \
+  if constexpr (NG > g) _tile_loadd(g, C + g * 16 * ldz, ldz * 4);
+    PF_EACH(PF_LOAD)
+    for (int64_t kc = 0; kc < KCb; ++kc) {
+      _tile_loadd(7, Wv + (kc * nct + ct) * kTile, 64);
+      const uint16_t* A = Yt + (kc * NT + rt0) * kParts * kTile;
+#define PF_DOTA(g)                                               \
+  if constexpr (NG > g) {                                        \
+    for (int p = 0; p < kParts; ++p) {                           \
+      _tile_loadd(6, A + (g * kParts + p) * kTile, 64);          \
+      _tile_dpbf16ps(g, 6, 7);                                   \
+    }                                                            \
+  }
+      PF_EACH(PF_DOTA)
+    }
+#define PF_STOREZ(g) \
+  if constexpr (NG > g) _tile_stored(g, C + g * 16 * ldz, ldz * 4);
+    PF_EACH(PF_STOREZ)
+  }
+}
+
+template <template <int> class F, typename... Args>
+void with_group(int64_t ng, Args... args) {
+  switch (ng) {
+    case 1: F<1>::run(args...); break;
+    case 2: F<2>::run(args...); break;
+    case 3: F<3>::run(args...); break;
+    case 4: F<4>::run(args...); break;
+    default: F<5>::run(args...); break;
+  }
+}
+
+template <int NG>
+struct YStrip {
+  template <typename... A>
+  static void run(A... a) { y_strip<NG>(a...); }
+};
+
+template <int NG>
+struct ZBlock {
+  template <typename... A>
+  static void run(A... a) { z_block<NG>(a...); }
+};
+
+void* scratch(at::Tensor& t, int64_t numel, at::ScalarType dt) {
+  if (!t.defined() || t.numel() < numel) t = at::empty({numel}, at::TensorOptions().dtype(dt));
+  return t.data_ptr();
+}
+
+// Rows of W per repacked block: its VNNI copy (2 n bytes per row) at most about 1 MiB, so that it stays
+// in L2 next to the Z^T tiles it updates; a multiple of 32.
+int64_t block_rows(int64_t n) { return std::max<int64_t>(32, ((int64_t(1) << 20) / (2 * n)) / 32 * 32); }
+
+// Rows [r0, r1) of W (multiples of 32): their rows of Y, and their share of Z^T in Zt [16 NT, n].
+void gram_rows(const uint16_t* W, int64_t ldw, int64_t n, int64_t k, int64_t r0, int64_t r1, const uint16_t* Vp,
+               int64_t NT, float* Y, float* Zt) {
+  const int64_t rows = block_rows(n);
+  // Per-thread scratch, kept between calls (at most about 1 MiB): fresh buffers would be fresh
+  // mappings, page-faulted on every pass.
+  thread_local at::Tensor Wv, Yt, strip;
+  auto* wv = reinterpret_cast<uint16_t*>(scratch(Wv, rows * n, at::kShort));
+  auto* yt = reinterpret_cast<uint16_t*>(scratch(Yt, (rows / 32) * NT * kParts * kTile, at::kShort));
+  float* s = static_cast<float*>(scratch(strip, 16 * NT * 16, at::kFloat));
+  const int64_t ldo = NT * 16;
+  tiles_on();
+  for (int64_t R0 = r0; R0 < r1; R0 += rows) {
+    const int64_t MB = std::min(rows, r1 - R0);
+    for (int64_t row = R0; row < R0 + MB; row += 16) {
+      for (int64_t g0 = 0; g0 < NT; g0 += kGroup)
+        with_group<YStrip>(std::min<int64_t>(kGroup, NT - g0), W + row * ldw, ldw * 2, n / 32, Vp, NT, g0, s,
+                           ldo * 4);
+      for (int64_t i = 0; i < 16; ++i) std::memcpy(Y + (row + i) * k, s + i * ldo, sizeof(float) * k);
+    }
+    pack_a_transposed(Y + R0 * k, MB, k, NT, yt);
+    pack_w(W + R0 * ldw, ldw, MB, n, wv);
+    for (int64_t rt0 = 0; rt0 < NT; rt0 += kGroup)
+      with_group<ZBlock>(std::min<int64_t>(kGroup, NT - rt0), static_cast<const uint16_t*>(wv), n / 16,
+                         static_cast<const uint16_t*>(yt), NT, MB / 32, rt0, Zt, n);
+  }
+  tiles_off();
+}
+
+#endif  // PF_HAVE_AMX
+
+}  // namespace
+
+bool set_mode(int64_t mode) {
+  if (mode >= 0) g_mode.store(mode > 0 ? 1 : 0);
+  return switched_on() && supported();
+}
+
+bool takes(const at::Tensor& W) {
+  return W.device().is_cpu() && W.scalar_type() == at::kBFloat16 && W.dim() == 2 && W.size(0) % 32 == 0 &&
+         W.size(1) % 32 == 0 && W.size(0) > 0 && W.size(1) > 0 && W.stride(1) == 1 && W.stride(0) >= W.size(1) &&
+         switched_on() && supported();
+}
+
+void gram(const at::Tensor& W, const at::Tensor& V, at::Tensor Y, at::Tensor Z) {
+#ifdef PF_HAVE_AMX
+  const int64_t m = W.size(0), n = W.size(1), k = V.size(1), ldw = W.stride(0);
+  const int64_t NT = (k + 15) / 16;
+  auto Vp = at::empty({(n / 32) * NT * kParts * kTile}, at::kShort);
+  auto* vp = reinterpret_cast<uint16_t*>(Vp.data_ptr<int16_t>());
+  pack_b(V.data_ptr<float>(), n, k, NT, vp);
+  // Row ranges of whole 32-row chunks, one per task, each with a Z^T partial of 64 NT n bytes; the
+  // partials together stay within 1/16 of W's bytes (and within the threads).
+  const int64_t chunks = m / 32;
+  const int64_t by_memory = std::max<int64_t>(1, m / (32 * 16 * NT));
+  const int64_t tasks = std::max<int64_t>(1, std::min({int64_t(at::get_num_threads()), chunks, by_memory}));
+  auto Zt = at::zeros({tasks, NT * 16, n}, at::kFloat);
+  const auto* w = reinterpret_cast<const uint16_t*>(W.data_ptr<at::BFloat16>());
+  float* y = Y.data_ptr<float>();
+  float* zt = Zt.data_ptr<float>();
+  at::parallel_for(0, tasks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t)
+      gram_rows(w, ldw, n, k, chunks * t / tasks * 32, chunks * (t + 1) / tasks * 32, vp, NT, y,
+                zt + t * NT * 16 * n);
+  });
+  // Z[c][col] = the partials' sum, in task order.
+  float* z = Z.data_ptr<float>();
+  at::parallel_for(0, n, 256, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c)
+      for (int64_t col = 0; col < k; ++col) {
+        float acc = 0;
+        for (int64_t t = 0; t < tasks; ++t) acc += zt[(t * NT * 16 + col) * n + c];
+        z[c * k + col] = acc;
+      }
+  });
+#else
+  TORCH_CHECK(false, "pissa_fast: the AMX gram pass is not built for this platform");
+#endif
+}
+
+}  // namespace cpu_amx
+}  // namespace pissa_fast

@@ -1,0 +1,21 @@
+// The gram pass (Y = W V, Z = W^T Y) of a bf16 weight on the CPU's AMX tiles (Intel Sapphire Rapids
+// and later), used by the CPU gram op where the CPU and the shapes allow it.
+#pragma once
+#include <ATen/ATen.h>
+
+namespace pissa_fast {
+namespace cpu_amx {
+
+// Whether gram() takes W: AMX-BF16 present and granted by the OS, the path switched on (see
+// set_mode), W bf16 with unit column stride, both dimensions multiples of 32.
+bool takes(const at::Tensor& W);
+
+// Y [m, k] = W V, Z [n, k] = W^T Y for V [n, k] float32 (contiguous); Y and Z are written in place.
+void gram(const at::Tensor& W, const at::Tensor& V, at::Tensor Y, at::Tensor Z);
+
+// mode 1: on where supported (the default, unless PISSA_FAST_CPU_AMX=0); 0: off; -1: only query.
+// Returns whether the path is on now (false where the CPU or the OS lacks AMX).
+bool set_mode(int64_t mode);
+
+}  // namespace cpu_amx
+}  // namespace pissa_fast

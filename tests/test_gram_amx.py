@@ -1,0 +1,91 @@
+"""The bf16 gram pass on AMX tiles (csrc/cpu/gram_amx.cpp) against float64 math and against the float32
+path it replaces; skipped where the CPU or the OS has no AMX."""
+import pytest
+import torch
+
+import pissa_fast as pf
+
+ops = pf.ops
+amx = torch.ops.pissa_fast._cpu_amx
+
+pytestmark = pytest.mark.skipif(not amx(-1), reason="no AMX-BF16 on this CPU (or switched off)")
+
+U32 = 2.0 ** -24
+
+
+@pytest.fixture(autouse=True)
+def restore_mode():
+    before = amx(-1)
+    yield
+    amx(1 if before else 0)
+
+
+def bf16_weights(m, n, b=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    big = torch.randn(m, n + 32, generator=g).to(torch.bfloat16)
+    # the second matrix is a row-sliced view: a row stride larger than n
+    return [torch.randn(m, n, generator=g).to(torch.bfloat16), big[:, 32:n + 32]][:b]
+
+
+def gram_with(mode, W, X):
+    amx(mode)
+    return ops.gram(W, X)
+
+
+@pytest.mark.parametrize("m,n", [(32, 32), (64, 96), (96, 64), (320, 160), (576, 64)])
+@pytest.mark.parametrize("k", [1, 5, 16, 24, 40])
+def test_against_float64(m, n, k):
+    W = bf16_weights(m, n)
+    X = torch.randn(len(W), n, k)
+    Y, Z = gram_with(1, W, X)
+    for w, x, y, z in zip(W, X, Y, Z):
+        wd, xd = w.double(), x.double()
+        yr = wd @ xd
+        # |fl(W x) - W x| <= n u |W| |x| (the dot-product bound the float32 path is held to)
+        yb = n * U32 * (wd.abs() @ xd.abs())
+        assert bool(((y.double() - yr).abs() <= yb + 1e-300).all())
+        zr = wd.T @ y.double()  # Z is W^T times the Y the pass returned
+        zb = m * U32 * (wd.abs().T @ y.double().abs())
+        assert bool(((z.double() - zr).abs() <= zb + 1e-300).all())
+
+
+def test_matches_float32_path_closely_and_is_deterministic():
+    W = bf16_weights(320, 192)
+    X = torch.randn(2, 192, 24)
+    Y, Z = gram_with(1, W, X)
+    Y2, Z2 = ops.gram(W, X)
+    assert torch.equal(Y, Y2) and torch.equal(Z, Z2)
+    Y0, Z0 = gram_with(0, W, X)
+    assert torch.allclose(Y, Y0, rtol=1e-5, atol=1e-5 * float(Y0.abs().max()))
+    assert torch.allclose(Z, Z0, rtol=1e-5, atol=1e-5 * float(Z0.abs().max()))
+
+
+def test_other_shapes_and_dtypes_take_the_float32_path():
+    for W in ([torch.randn(37, 29).to(torch.bfloat16)],  # not multiples of 32
+              [torch.randn(64, 64).to(torch.float16)]):  # no fp16 AMX on these CPUs
+        X = torch.randn(1, W[0].shape[1], 8)
+        Y, Z = gram_with(1, W, X)
+        Y0, Z0 = gram_with(0, W, X)
+        assert torch.equal(Y, Y0) and torch.equal(Z, Z0)
+
+
+def test_nan_reaches_the_outputs():
+    W = bf16_weights(64, 64, b=1)
+    W[0][5, 7] = float("nan")
+    Y, Z = gram_with(1, W, torch.randn(1, 64, 8))
+    assert not bool(torch.isfinite(Y[0, 5]).any())
+    assert not bool(torch.isfinite(Z).all())
+
+
+def test_decompose_is_as_accurate_as_with_the_float32_path():
+    g = torch.Generator().manual_seed(1)
+    U, _ = torch.linalg.qr(torch.randn(256, 256, dtype=torch.float64, generator=g))
+    V, _ = torch.linalg.qr(torch.randn(192, 192, dtype=torch.float64, generator=g))
+    s = torch.arange(1, 193, dtype=torch.float64) ** -1.0
+    W = ((U[:, :192] * s) @ V.T).to(torch.bfloat16)
+    errs = {}
+    for mode in (1, 0):
+        amx(mode)
+        d = pf.decompose(W, 8, niter=3)
+        errs[mode] = pf.error_vs_exact(W, d).l1_rel
+    assert errs[1] <= 1.5 * errs[0] + 1e-6
