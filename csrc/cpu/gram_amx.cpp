@@ -171,16 +171,24 @@ __attribute__((target("amx-tile"))) void tiles_off() { _tile_release(); }
 // Tile indices are immediates: the NG accumulators of a sweep are unrolled with these.
 #define PF_EACH(X) X(0) X(1) X(2) X(3) X(4)
 
-// out[16, 16 NT] (float32, row stride ldo bytes), columns [16 g0, 16 (g0 + NG)): the 16 rows of W at Wr
-// times V, its three parts accumulated in the same tile.
+// Yb[16, 16 NT] (float32, row stride ldo bytes), columns [16 g0, 16 (g0 + NG)): the 16 rows of W at Wr
+// times V, over V's rows [32 kc0, 32 kc1), its three parts accumulated in the same tile; added to what
+// Yb holds unless `first`.
 template <int NG>
-__attribute__((target("amx-tile,amx-bf16"))) void y_strip(const uint16_t* Wr, int64_t ldw_bytes, int64_t KC,
-                                                         const uint16_t* Vp, int64_t NT, int64_t g0, float* out,
-                                                         int64_t ldo_bytes) {
-#define PF_ZERO(g) \
-  if constexpr (NG > g) _tile_zero(g);
-  PF_EACH(PF_ZERO)
-  for (int64_t kc = 0; kc < KC; ++kc) {
+__attribute__((target("amx-tile,amx-bf16"))) void y_strip(const uint16_t* Wr, int64_t ldw_bytes, int64_t kc0,
+                                                         int64_t kc1, const uint16_t* Vp, int64_t NT, int64_t g0,
+                                                         float* Yb, int64_t ldo_bytes, bool first) {
+  float* C = Yb + g0 * 16;
+#define PF_INIT(g)                                     \
+  if constexpr (NG > g) {                              \
+    if (first) {                                       \
+      _tile_zero(g);                                   \
+    } else {                                           \
+      _tile_loadd(g, C + g * 16, ldo_bytes);           \
+    }                                                  \
+  }
+  PF_EACH(PF_INIT)
+  for (int64_t kc = kc0; kc < kc1; ++kc) {
     _tile_loadd(6, Wr + kc * 32, ldw_bytes);
     const uint16_t* B = Vp + (kc * NT + g0) * kParts * kTile;
 #define PF_DOT(g)                                                \
@@ -193,7 +201,7 @@ __attribute__((target("amx-tile,amx-bf16"))) void y_strip(const uint16_t* Wr, in
     PF_EACH(PF_DOT)
   }
 #define PF_STORE(g) \
-  if constexpr (NG > g) _tile_stored(g, out + (g0 + g) * 16, ldo_bytes);
+  if constexpr (NG > g) _tile_stored(g, C + g * 16, ldo_bytes);
   PF_EACH(PF_STORE)
 }
 
@@ -267,17 +275,22 @@ void gram_rows(const uint16_t* W, int64_t ldw, int64_t n, int64_t k, int64_t r0,
   thread_local at::Tensor Wv, Yt, strip;
   auto* wv = reinterpret_cast<uint16_t*>(scratch(Wv, rows * n, at::kShort));
   auto* yt = reinterpret_cast<uint16_t*>(scratch(Yt, (rows / 32) * NT * kParts * kTile, at::kShort));
-  float* s = static_cast<float*>(scratch(strip, 16 * NT * 16, at::kFloat));
-  const int64_t ldo = NT * 16;
+  float* s = static_cast<float*>(scratch(strip, rows * NT * 16, at::kFloat));
+  const int64_t ldo = NT * 16, KC = n / 32;
+  // V's packed parts are 3 KiB per 32 rows and 16 columns: taken in slices of at most ~512 KiB, which
+  // stay in L2 while every row strip of the block passes over them.
+  const int64_t kc_step = std::max<int64_t>(1, (int64_t(512) << 10) / (NT * kParts * kTile * 2));
   tiles_on();
   for (int64_t R0 = r0; R0 < r1; R0 += rows) {
     const int64_t MB = std::min(rows, r1 - R0);
-    for (int64_t row = R0; row < R0 + MB; row += 16) {
-      for (int64_t g0 = 0; g0 < NT; g0 += kGroup)
-        with_group<YStrip>(std::min<int64_t>(kGroup, NT - g0), W + row * ldw, ldw * 2, n / 32, Vp, NT, g0, s,
-                           ldo * 4);
-      for (int64_t i = 0; i < 16; ++i) std::memcpy(Y + (row + i) * k, s + i * ldo, sizeof(float) * k);
+    for (int64_t kc0 = 0; kc0 < KC; kc0 += kc_step) {
+      const int64_t kc1 = std::min(KC, kc0 + kc_step);
+      for (int64_t row = R0; row < R0 + MB; row += 16)
+        for (int64_t g0 = 0; g0 < NT; g0 += kGroup)
+          with_group<YStrip>(std::min<int64_t>(kGroup, NT - g0), W + row * ldw, ldw * 2, kc0, kc1, Vp, NT, g0,
+                             s + (row - R0) * ldo, ldo * 4, kc0 == 0);
     }
+    for (int64_t i = 0; i < MB; ++i) std::memcpy(Y + (R0 + i) * k, s + i * ldo, sizeof(float) * k);
     pack_a_transposed(Y + R0 * k, MB, k, NT, yt);
     pack_w(W + R0 * ldw, ldw, MB, n, wv);
     for (int64_t rt0 = 0; rt0 < NT; rt0 += kGroup)
