@@ -142,13 +142,26 @@ int64_t wide_rows(const Tensor& A) {
   return std::max<int64_t>(16, std::min<int64_t>(n, kChunkBytes / per_row));
 }
 
-// One float64 buffer for the chunks of a call, reused: a fresh tensor per chunk would be a fresh
-// mapping above glibc's mmap threshold, page-faulted anew each time (that cost more than the GEMMs).
-Tensor chunk_buffer(const Tensor& A, int64_t R, const Tensor& like) {
-  return at::empty({A.size(0), R, A.size(2)}, like.options());
+// The chunks of rows [0, n) in fixed contiguous runs, one run per task: fn(task, begin, end). On the CPU the
+// runs go to the threads (one parallel region, where a loop of ATen calls would pay a barrier per
+// call); the split depends only on n, R and the thread count, so results are reproducible.
+template <typename Fn>
+int64_t over_runs(const Tensor& like, int64_t n, int64_t R, Fn fn) {
+  const int64_t chunks = (n + R - 1) / R;
+  const int64_t tasks = like.is_cpu() ? std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), chunks)) : 1;
+  auto run = [&](int64_t t) { fn(t, std::min(n, chunks * t / tasks * R), std::min(n, chunks * (t + 1) / tasks * R)); };
+  if (tasks == 1) {
+    run(0);
+  } else {
+    at::parallel_for(0, tasks, 1, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) run(t);
+    });
+  }
+  return tasks;
 }
 
-// out = Y - A C (Y defined) or A C, chunk by chunk of rows.
+// out = Y - A C (Y defined) or A C, chunk by chunk of rows, each chunk widened into a buffer reused
+// within its run (a fresh tensor per chunk would be a fresh mapping, page-faulted each time).
 Tensor nn_rows(const Tensor* Y, const Tensor& A, const Tensor& C) {
   const int64_t n = A.size(1), R = wide_rows(A);
   if (R >= n) {
@@ -156,14 +169,16 @@ Tensor nn_rows(const Tensor* Y, const Tensor& A, const Tensor& C) {
     return Y ? at::baddbmm(*Y, Aw, C, 1, -1) : at::bmm(Aw, C);
   }
   auto out = Y ? Y->clone(at::MemoryFormat::Contiguous) : at::empty({A.size(0), n, C.size(-1)}, C.options());
-  auto buf = chunk_buffer(A, R, C);
-  for (int64_t i = 0; i < n; i += R) {
-    const int64_t k = std::min(R, n - i);
-    auto a = buf.narrow(1, 0, k);
-    a.copy_(A.narrow(1, i, k));
-    // beta 0 ignores what an uninitialized out holds (NaN included).
-    out.narrow(1, i, k).baddbmm_(a, C, Y ? 1 : 0, Y ? -1 : 1);
-  }
+  over_runs(A, n, R, [&](int64_t, int64_t i0, int64_t i1) {
+    auto buf = at::empty({A.size(0), R, A.size(2)}, C.options());
+    for (int64_t i = i0; i < i1; i += R) {
+      const int64_t k = std::min(R, i1 - i);
+      auto a = buf.narrow(1, 0, k);
+      a.copy_(A.narrow(1, i, k));
+      // beta 0 ignores what an uninitialized out holds (NaN included).
+      out.narrow(1, i, k).baddbmm_(a, C, Y ? 1 : 0, Y ? -1 : 1);
+    }
+  });
   return out;
 }
 
@@ -172,14 +187,22 @@ Tensor nn_rows(const Tensor* Y, const Tensor& A, const Tensor& C) {
 Tensor tn_f64(const Tensor& A, const Tensor& B) {
   const int64_t n = A.size(1), R = wide_rows(A);
   if (R >= n) return at::bmm(A.to(at::kDouble).mT(), B);
-  auto out = at::zeros({A.size(0), A.size(2), B.size(2)}, B.options());
-  auto buf = chunk_buffer(A, R, B);
-  for (int64_t i = 0; i < n; i += R) {
-    const int64_t k = std::min(R, n - i);
-    auto a = buf.narrow(1, 0, k);
-    a.copy_(A.narrow(1, i, k));
-    out.baddbmm_(a.mT(), B.narrow(1, i, k));
-  }
+  const int64_t chunks = (n + R - 1) / R;
+  const int64_t most = B.is_cpu() ? std::min<int64_t>(at::get_num_threads(), chunks) : 1;
+  // One partial sum per run, added in run order.
+  auto part = at::zeros({std::max<int64_t>(1, most), A.size(0), A.size(2), B.size(2)}, B.options());
+  const int64_t tasks = over_runs(A, n, R, [&](int64_t t, int64_t i0, int64_t i1) {
+    auto buf = at::empty({A.size(0), R, A.size(2)}, B.options());
+    auto acc = part[t];
+    for (int64_t i = i0; i < i1; i += R) {
+      const int64_t k = std::min(R, i1 - i);
+      auto a = buf.narrow(1, 0, k);
+      a.copy_(A.narrow(1, i, k));
+      acc.baddbmm_(a.mT(), B.narrow(1, i, k));
+    }
+  });
+  auto out = part[0];
+  for (int64_t t = 1; t < tasks; ++t) out = out + part[t];
   return out;
 }
 
