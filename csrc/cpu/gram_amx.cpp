@@ -21,76 +21,22 @@
 // summed in a fixed order: the result is deterministic for a given thread count.
 #include "gram_amx.h"
 
-#include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
+#include "amx_tiles.h"
 
-#include <atomic>
+#include <ATen/Parallel.h>
+
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
-#define PF_HAVE_AMX 1
-#include <cpuid.h>
-#include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-#endif
 
 namespace pissa_fast {
 namespace cpu_amx {
 namespace {
 
-constexpr int kParts = 3;             // hi, mid, lo
-constexpr int kGroup = 5;             // accumulator tiles per sweep: tiles 0-4; tile 6 is A, tile 7 is B
-constexpr int64_t kTile = 512;        // bf16 elements per A or B tile (16 rows x 64 bytes)
+constexpr int kGroup = 5;  // accumulator tiles per sweep: tiles 0-4; tile 6 is A, tile 7 is B
 
 #ifdef PF_HAVE_AMX
-bool supported() {
-  static const bool ok = [] {
-    unsigned a = 0, b = 0, c = 0, d = 0;
-    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
-    const bool avx512 = ((b >> 16) & 1) && ((b >> 30) & 1);  // AVX-512 F and BW (the VNNI repacking)
-    const bool amx = ((d >> 22) & 1) && ((d >> 24) & 1);     // AMX-BF16 and AMX-TILE
-    // Linux hands out the tile registers' state on request only (ARCH_REQ_XCOMP_PERM for
-    // XFEATURE_XTILEDATA); a kernel that refuses leaves the float32 path.
-    return avx512 && amx && syscall(SYS_arch_prctl, 0x1023, 18) == 0;
-  }();
-  return ok;
-}
-#else
-bool supported() { return false; }
-#endif
-
-std::atomic<int> g_mode{-1};  // -1: PISSA_FAST_CPU_AMX not read yet
-
-bool switched_on() {
-  int m = g_mode.load();
-  if (m < 0) {
-    const char* v = std::getenv("PISSA_FAST_CPU_AMX");
-    m = (v != nullptr && std::strcmp(v, "0") == 0) ? 0 : 1;
-    g_mode.store(m);
-  }
-  return m == 1;
-}
-
-#ifdef PF_HAVE_AMX
-
-inline uint16_t to_bf16(float x) { return c10::BFloat16(x).x; }  // round to nearest even
-
-inline float from_bf16(uint16_t v) {
-  const uint32_t u = uint32_t(v) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-inline void split(float x, uint16_t out[kParts]) {
-  for (int p = 0; p < kParts; ++p) {
-    out[p] = to_bf16(x);
-    x -= from_bf16(out[p]);  // exact in float32
-  }
-}
 
 // B tiles of the parts of X [rows, k] (float32, contiguous): tile (kc, t, p) holds part p of rows
 // [32 kc, 32 kc + 32), columns [16 t, 16 t + 16): element (i, j, e) = part p of X[32 kc + 2 i + e][16 t + j]
@@ -148,25 +94,6 @@ __attribute__((target("avx512f,avx512bw"))) void pack_w(const uint16_t* W, int64
     }
   }
 }
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-__attribute__((target("amx-tile"))) void tiles_on() {
-  TileConfig cfg;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = 64;
-  }
-  // GCC does not see ldtilecfg read cfg and dropped the stores above: a barrier keeps them.
-  asm volatile("" : : "r"(&cfg) : "memory");
-  _tile_loadconfig(&cfg);
-}
-
-__attribute__((target("amx-tile"))) void tiles_off() { _tile_release(); }
 
 // Tile indices are immediates: the NG accumulators of a sweep are unrolled with these.
 #define PF_EACH(X) X(0) X(1) X(2) X(3) X(4)
@@ -304,15 +231,10 @@ void gram_rows(const uint16_t* W, int64_t ldw, int64_t n, int64_t k, int64_t r0,
 
 }  // namespace
 
-bool set_mode(int64_t mode) {
-  if (mode >= 0) g_mode.store(mode > 0 ? 1 : 0);
-  return switched_on() && supported();
-}
-
 bool takes(const at::Tensor& W) {
   return W.device().is_cpu() && W.scalar_type() == at::kBFloat16 && W.dim() == 2 && W.size(0) % 32 == 0 &&
          W.size(1) % 32 == 0 && W.size(0) > 0 && W.size(1) > 0 && W.stride(1) == 1 && W.stride(0) >= W.size(1) &&
-         switched_on() && supported();
+         usable();
 }
 
 void gram(const at::Tensor& W, const at::Tensor& V, at::Tensor Y, at::Tensor Z) {

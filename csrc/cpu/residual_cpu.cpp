@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "../checks.h"
+#include "residual_amx.h"
 
 namespace pissa_fast {
 namespace {
@@ -25,6 +26,10 @@ void check_residual(const char* op, at::TensorList W, const at::Tensor& B, const
 // threads.
 void residual_rows(const at::Tensor& Wj, const at::Tensor& Bj, const at::Tensor& Aj, at::Tensor out,
                    bool inplace) {
+  if (cpu_amx::takes_residual(Wj) && Bj.scalar_type() == at::kFloat) {  // bf16 on AMX tiles
+    cpu_amx::residual(Wj, Bj.contiguous(), Aj.contiguous(), out);
+    return;
+  }
   const int64_t m = Wj.size(0), n = Wj.size(1);
   const auto acc = acc_dtype(Wj.scalar_type());
   const bool widen = Wj.scalar_type() != acc;

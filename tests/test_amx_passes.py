@@ -1,5 +1,5 @@
-"""The bf16 gram pass on AMX tiles (csrc/cpu/gram_amx.cpp) against float64 math and against the float32
-path it replaces; skipped where the CPU or the OS has no AMX."""
+"""The bf16 gram and residual passes on AMX tiles (csrc/cpu/gram_amx.cpp, residual_amx.cpp) against
+float64 math and against the float32 paths they replace; skipped where the CPU or the OS has no AMX."""
 import pytest
 import torch
 
@@ -89,3 +89,48 @@ def test_decompose_is_as_accurate_as_with_the_float32_path():
         d = pf.decompose(W, 8, niter=3)
         errs[mode] = pf.error_vs_exact(W, d).l1_rel
     assert errs[1] <= 1.5 * errs[0] + 1e-6
+
+
+def ulp_bf16(x):
+    """One bf16 ulp at |x| (2^-7 of the power of two below it; normal range)."""
+    e = torch.floor(torch.log2(x.abs().clamp_min(2.0 ** -126)))
+    return 2.0 ** (e - 7)
+
+
+@pytest.mark.parametrize("m,n", [(16, 32), (64, 96), (272, 160)])
+@pytest.mark.parametrize("r", [1, 4, 16, 40])
+def test_residual_against_float64(m, n, r):
+    W = bf16_weights(m, n)
+    B = torch.randn(len(W), m, r) * 0.3
+    A = torch.randn(len(W), r, n) * 0.3
+    amx(1)
+    out = ops.residual(W, B, A)
+    inplace = [w.clone() for w in W]
+    ops.residual_(inplace, B, A)
+    amx(0)
+    out0 = ops.residual(W, B, A)
+    for w, b, a, o, i, o0 in zip(W, B, A, out, inplace, out0):
+        exact = w.double() - b.double() @ a.double()
+        # one rounding to bf16 (half an ulp) after float32 math (r u |B| |A| and u |W|)
+        bound = 0.5 * ulp_bf16(exact) + (r + 2) * U32 * (w.double().abs() + b.double().abs() @ a.double().abs())
+        assert bool(((o.double() - exact).abs() <= bound + 1e-30).all())
+        assert torch.equal(i, o)  # in place writes what the out-of-place op returns
+        # and the float32 path agrees to a bf16 ulp (ties may round the other way)
+        assert bool(((o.double() - o0.double()).abs() <= ulp_bf16(exact) * 1.01 + 1e-30).all())
+
+
+def test_residual_other_shapes_take_the_float32_path():
+    W = [torch.randn(37, 29).to(torch.bfloat16)]
+    B, A = torch.randn(1, 37, 3), torch.randn(1, 3, 29)
+    amx(1)
+    o1 = ops.residual(W, B, A)[0]
+    amx(0)
+    assert torch.equal(o1, ops.residual(W, B, A)[0])
+
+
+def test_residual_nan_stays():
+    W = bf16_weights(32, 64, b=1)
+    W[0][3, 9] = float("nan")
+    amx(1)
+    out = ops.residual(W, torch.randn(1, 32, 4), torch.randn(1, 4, 64))[0]
+    assert bool(torch.isnan(out[3, 9])) and int(torch.isnan(out).sum()) == 1
