@@ -168,7 +168,6 @@ Factors fused_passes(at::TensorList W_all, const Tensor& omega, int64_t r, int64
   const int64_t b = omega.size(0), n = omega.size(1), l = omega.size(2), m = W_all[0].size(0);
   const auto f64 = omega.options().dtype(at::kDouble);
   const bool stopping = krylov && stop.active() && niter >= 1;
-  const bool trim_between_passes = dev.is_cpu() && b * (2 * n + m) * l * (niter + 1) * 4 >= (int64_t(1) << 21);
   const bool estimating = krylov && (want_estimate || stopping) && niter >= 1;
 
   // Outputs, filled as matrices finish (all at the last step unless they stop early).
@@ -251,9 +250,9 @@ Factors fused_passes(at::TensorList W_all, const Tensor& omega, int64_t r, int64
   for (int64_t i = 0; i <= niter; ++i) {
     const int64_t blk = krylov ? i : 0;
     if (i > 0) {
-      // At the end of this block, hand back the pages of the float64 temporaries this step freed,
-      // before the Ritz step and the next pass allocate theirs (see ReleaseFreeHeap).
-      ReleaseFreeHeap trim_now(trim_between_passes);
+      // No heap trim here (only at the end of the call, factors.cpp): trimming between passes kept
+      // a 7B layer's peak at 8.9 % extra instead of 9.7 %, but the pages it handed back were faulted
+      // in again by the next step, 10 ms of a 35 ms 4096^2 decomposition (benchmarks/RESULTS.md).
       auto Zprev = Zall.narrow(-1, (krylov ? i - 1 : 0) * l, l);
       Tensor Qn = krylov ? orthonormalize_against(Zprev.to(at::kDouble), Qall.narrow(-1, 0, i * l), normalizer)
                          : orthonormalize(Zprev.to(at::kDouble), normalizer);
