@@ -116,7 +116,7 @@ def main():
     match = [] if args.match == "none" else [int(x) for x in args.match.split(",")]
     n, r = args.size, ranks[0]
     print(f"# pissa_fast core benchmark  {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    print(f"torch {torch.__version__}, pissa_fast build {pf.build_info()}, {args.threads} threads, "
+    print(f"torch {torch.__version__}, pissa_fast build {pf.build_info()} (CPU passes: {pf.cpu_passes()}), {args.threads} threads, "
           f"CPU {platform.processor() or platform.machine()}, matrix {n}x{n}, r={','.join(map(str, ranks))}, "
           f"load average at start {os.getloadavg()[0]:.1f} (machine shared: absolute times are noisy)")
     print(f"command: {' '.join([os.path.basename(sys.executable)] + sys.argv)}\n")

@@ -74,7 +74,8 @@ def main():
     names = names[::step][:args.limit]
     print(f"# svd_lowrank_equivalent on {len(names)} weights of {os.path.basename(args.weights)}  "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    print(f"torch {torch.__version__}, {args.threads} threads, dtype {args.dtype}, load average {os.getloadavg()[0]:.1f}")
+    print(f"torch {torch.__version__}, CPU passes {pf.cpu_passes()}, {args.threads} threads, dtype {args.dtype}, "
+          f"load average {os.getloadavg()[0]:.1f}")
     print(f"command: python {' '.join(sys.argv)}\n")
     print("| weight | shape | r | N | peft L1 | pissa_fast L1 | niter used | l1_rel true / estimate | peft ms | pissa_fast ms | speed-up |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

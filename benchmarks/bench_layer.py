@@ -76,7 +76,7 @@ def main():
     torch.set_num_threads(args.threads)
     print(f"# one LLaMA-2-7B layer, bf16, r={args.rank}, niter={args.niter}, scale={args.scale}  "
           f"{time.strftime('%Y-%m-%d %H:%M')}")
-    print(f"torch {torch.__version__}, pissa_fast build {pf.build_info()}, {args.threads} threads")
+    print(f"torch {torch.__version__}, pissa_fast build {pf.build_info()} (CPU passes: {pf.cpu_passes()}), {args.threads} threads")
     print(f"command: python {' '.join(sys.argv)}\n")
     src = make_layer(args.scale)
     nbytes = sum(w.numel() * w.element_size() for w in src.values())

@@ -261,7 +261,8 @@ def main(argv=None) -> int:
           f"torch {torch.__version__} on the CPU, {runs[0]['threads'] if runs else '?'} threads "
           f"(OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']}), {os.cpu_count()} CPUs, load average {load0} at start; "
           f"peft {peft.__version__}, transformers {transformers.__version__}, pissa_fast {pissa_fast.__version__} "
-          f"({pissa_fast.build_info()}), {platform.machine()}. Medians of {args.repeats} runs, each in a fresh "
+          f"({pissa_fast.build_info()}, CPU passes: {pissa_fast.cpu_passes()}), {platform.machine()}. "
+          f"Medians of {args.repeats} runs, each in a fresh "
           f"process; CPU = user + sys seconds of that process; peak = growth of VmHWM during the call. "
           f"PISSA_FAST_NITER={os.environ.get('PISSA_FAST_NITER') or '(unset: equivalent)'}.\n")
     head = "| flow | niter | path | wall (s) | speed-up | CPU (s) | CPU speed-up | peak extra RSS (MiB) |"

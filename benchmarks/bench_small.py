@@ -41,7 +41,7 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"# small weights, bf16, r={args.rank}, niter={args.niter}  {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    print(f"torch {torch.__version__}, pissa_fast build {pf.build_info()}, {args.threads} threads, "
+    print(f"torch {torch.__version__}, pissa_fast build {pf.build_info()} (CPU passes: {pf.cpu_passes()}), {args.threads} threads, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, load average at start {os.getloadavg()}")
     print(f"command: python {' '.join(sys.argv)}\n")
     print("| shape | peft path | pissa_fast | ratio (pissa_fast / peft) | ATen calls peft / pissa_fast |")

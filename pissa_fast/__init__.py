@@ -17,15 +17,15 @@ try:
     from ._ops import BUILD, ops
     from .core import ESTIMATE_SLACK, Decomposition, decompose, decompose_many, default_oversample
     from .equivalence import svd_lowrank_equivalent
-    from .passes import cuda_passes, cuda_passes_setting, set_cuda_passes, use_cuda_passes
+    from .passes import cpu_passes, cuda_passes, cuda_passes_setting, set_cuda_passes, use_cuda_passes
     from .quant import QPiSSADecomposition, qpissa, qpissa_many
 except NativeLibraryMissing as _missing:  # convert_to_lora, verify and the CLI's --help still work
     BUILD = "missing"
     __getattr__ = _missing.module_getattr(__name__, ("ops", "Decomposition", "decompose", "decompose_many",
                                                      "default_oversample", "QPiSSADecomposition", "qpissa",
                                                      "qpissa_many", "ESTIMATE_SLACK", "svd_lowrank_equivalent",
-                                                     "cuda_passes", "cuda_passes_setting", "set_cuda_passes",
-                                                     "use_cuda_passes"))
+                                                     "cpu_passes", "cuda_passes", "cuda_passes_setting",
+                                                     "set_cuda_passes", "use_cuda_passes"))
 
 __version__ = "0.1.0"
 
@@ -40,5 +40,5 @@ __all__ = [
     "CheckpointError", "Decomposition", "ErrorReport", "NativeLibraryMissing", "build_info", "convert_to_lora",
     "decompose", "decompose_many", "default_oversample", "error_vs_exact", "exact_factors", "init_checkpoint",
     "ops", "QPiSSADecomposition", "qpissa", "qpissa_many", "verify", "ESTIMATE_SLACK", "svd_lowrank_equivalent",
-    "cuda_passes", "cuda_passes_setting", "set_cuda_passes", "use_cuda_passes",
+    "cpu_passes", "cuda_passes", "cuda_passes_setting", "set_cuda_passes", "use_cuda_passes",
 ]

@@ -92,3 +92,11 @@ def _aten_passes_on_cpu():
         yield
     finally:
         lib._destroy()
+
+
+def cpu_passes() -> str:
+    """What the CPU gram and residual passes of a bf16 weight run on: "amx" (the AMX tiles of Intel
+    Sapphire Rapids and later, where the OS grants them; PISSA_FAST_CPU_AMX=0 switches them off) or
+    "float32" (a float32 copy of each row block through the BLAS; every other dtype, and shapes that are
+    not multiples of 32, always take this path)."""
+    return "amx" if ops._cpu_amx(-1) else "float32"

@@ -97,7 +97,10 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void subtract_rows(const 
   for (int64_t i = 0; i < 16; ++i)
     for (int64_t c = 0; c < cols; c += 16) {
       const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(W + i * ldw + c));
-      const __m512 wf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(w), 16));
+      // bf16 -> float32: the bits shifted up by 16 (the maskz forms: GCC 12 warns about the plain ones'
+      // undefined pass-through operand).
+      const __m512i wi = _mm512_maskz_slli_epi32(0xFFFF, _mm512_maskz_cvtepu16_epi32(0xFFFF, w), 16);
+      const __m512 wf = _mm512_castsi512_ps(wi);
       const __m512 d = _mm512_sub_ps(wf, _mm512_loadu_ps(cbuf + i * 64 + c));
       const __m256bh b = _mm512_cvtneps_pbh(d);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(O + i * ldo + c), reinterpret_cast<const __m256i&>(b));
