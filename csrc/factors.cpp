@@ -52,6 +52,7 @@ Factors exact(at::TensorList W, int64_t r) {
   f.S = at::stack(S).to(at::kDouble);
   f.V = at::stack(V).to(at::kDouble);
   f.niter_used.assign(W.size(), -1);  // -1: exact SVD
+  f.met.assign(W.size(), true);
   f.estimate = at::zeros({int64_t(W.size())}, f.S.options());
   return f;
 }
@@ -93,10 +94,34 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> pissa_factors(at::TensorList 
   stop.like_svd_lowrank = like_svd_lowrank;
   // A working subspace as large as min(m, n) is no cheaper than the exact SVD and would not fit.
   const int64_t width = method == "krylov" ? l * (niter + 1) : l;
-  Factors f = (method == "exact" || width >= k) ? exact(W, rank)
-              : method == "halko"              ? halko(W, omega, rank, niter, normalizer)
-                                               : fused_passes(W, omega, rank, niter, method == "krylov", normalizer,
-                                                              stop, estimate);
+  // With a stopping criterion the cap is rarely reached: run to the largest niter whose subspace
+  // fits, and give the exact SVD only to the weights that did not meet their target there (a small
+  // weight under peft's pissa_niter_16, e.g. 192 x 576 at r 16, took the exact SVD outright).
+  const int64_t fits = l > 0 ? (k - 1) / l - 1 : 0;  // the largest niter with l (niter + 1) < k
+  const bool fit = method == "krylov" && stop.active() && width >= k && fits >= 1;
+  const int64_t run_niter = fit ? fits : niter;
+  Factors f = (method == "exact" || (width >= k && !fit)) ? exact(W, rank)
+              : method == "halko" ? halko(W, omega, rank, niter, normalizer)
+                                  : fused_passes(W, omega, rank, run_niter, method == "krylov", normalizer, stop,
+                                                 estimate);
+  if (fit) {
+    std::vector<int64_t> miss;
+    std::vector<Tensor> Wm;
+    for (int64_t j = 0; j < b; ++j)
+      if (!f.met[j]) {
+        miss.push_back(j);
+        Wm.push_back(W[j]);
+      }
+    if (!miss.empty()) {
+      Factors e = exact(Wm, rank);
+      auto idx = host_index(miss, w0.device());
+      f.U.index_copy_(0, idx, e.U.to(f.U.device()));
+      f.S.index_copy_(0, idx, e.S.to(f.S.device()));
+      f.V.index_copy_(0, idx, e.V.to(f.V.device()));
+      f.estimate.index_fill_(0, idx, 0.0);
+      for (auto j : miss) f.niter_used[j] = -1;
+    }
+  }
 
   // A deterministic sign per singular pair: the largest-magnitude entry of each u is positive.
   auto idx = f.U.abs().argmax(-2, /*keepdim=*/true);

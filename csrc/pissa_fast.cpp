@@ -50,7 +50,9 @@ TORCH_LIBRARY(pissa_fast, m) {
   // whose estimated l1_rel error is <= tol (if tol > 0) and <= the error predicted for
   // torch.svd_lowrank(q = rank, niter = like_svd_lowrank) (if >= 0). niter_used [b] (int64; -1 for
   // the exact SVD) and estimate [b] (the estimated l1_rel; -1 where none was made; made when
-  // stopping or when `estimate` is set, krylov only) say what each matrix got.
+  // stopping or when `estimate` is set, krylov only) say what each matrix got. A cap whose working
+  // subspace would reach min(m, n) runs to the largest niter that fits instead, and the matrices that
+  // did not meet their target there get the exact SVD.
   m.def(
       "pissa_factors(Tensor[] W, Tensor omega, int rank, int niter, str method, str normalizer,"
       " float tol=0., int like_svd_lowrank=-1, bool estimate=False)"

@@ -177,6 +177,7 @@ Factors fused_passes(at::TensorList W_all, const Tensor& omega, int64_t r, int64
   out.V = at::empty({b, n, r}, f64);
   out.estimate = at::full({b}, -1.0, f64);
   out.niter_used.assign(b, niter);
+  out.met.assign(b, !stopping);
 
   // The matrices still iterating: their weights, their positions in the group, their state.
   std::vector<Tensor> W(W_all.begin(), W_all.end());
@@ -272,8 +273,10 @@ Factors fused_passes(at::TensorList W_all, const Tensor& omega, int64_t r, int64
     }
     prev = cur;
     have_prev = true;
-    if (last) break;
-    if (!stopping || !est.defined()) continue;
+    if (!stopping || !est.defined()) {
+      if (last) break;
+      continue;
+    }
     // Which matrices are done: one transfer of b flags to the host, whatever b is.
     Tensor target = at::full_like(est, std::numeric_limits<double>::infinity());
     if (stop.tol > 0) target = target.clamp_max(stop.tol);
@@ -281,7 +284,11 @@ Factors fused_passes(at::TensorList W_all, const Tensor& omega, int64_t r, int64
     auto done = (est <= target).to(at::kCPU);
     auto flags = done.accessor<bool, 1>();
     std::vector<int64_t> fin, rest;
-    for (int64_t j = 0; j < done.size(0); ++j) (flags[j] ? fin : rest).push_back(j);
+    for (int64_t j = 0; j < done.size(0); ++j) {
+      (flags[j] ? fin : rest).push_back(j);
+      if (flags[j]) out.met[pos[j]] = true;
+    }
+    if (last) break;
     if (fin.empty()) continue;
     finish(fin, L, i);
     if (rest.empty()) return out;
@@ -347,6 +354,7 @@ Factors halko(at::TensorList W, const Tensor& omega, int64_t r, int64_t niter, c
   Tensor C = call_wtx(W, P.to(acc)).to(at::kDouble).mT();  // P^T W
   Factors f = svd_of_projection(P, C, r);
   f.niter_used.assign(W.size(), niter);
+  f.met.assign(W.size(), true);
   f.estimate = at::full({int64_t(W.size())}, -1.0, f.S.options());
   return f;
 }

@@ -12,6 +12,7 @@ struct Factors {
   at::Tensor U, S, V;  // [b, m, r], [b, r], [b, n, r], float64
   std::vector<int64_t> niter_used;  // per matrix
   at::Tensor estimate;              // [b] float64: estimated l1_rel (-1 where none was made)
+  std::vector<bool> met;            // per matrix: its stopping target was met (true when not stopping)
 };
 
 // When to stop early, per matrix (krylov only). A matrix stops at the first niter >= 1 whose

@@ -21,7 +21,9 @@ def svd_lowrank_equivalent(niter: int, r: int) -> dict:
     actual l1_rel and the estimate at or above the true one (benchmarks/RESULTS.md, synthetic and
     SmolLM2-135M weights), so both err towards more accuracy. The cap is niter itself: block Krylov
     at niter N with at least r columns per block is never less accurate than subspace iteration at
-    N, so a weight whose estimate never meets the target still keeps the promise. Where both have
+    N, so a weight whose estimate never meets the target still keeps the promise. A small weight whose
+    Krylov subspace at the cap would reach min(m, n) runs to the largest niter that fits, and takes the
+    exact SVD only if its target is still not met there. Where both have
     converged to float32's rounding (l1_rel below about 1e-5), which of the two is closer is noise.
     """
     if isinstance(niter, bool) or not isinstance(niter, numbers.Integral) or niter < 0:

@@ -105,6 +105,29 @@ def test_svd_lowrank_equivalent_saves_work_on_easy_weights():
     assert out.niter_used <= 6
 
 
+@pytest.mark.parametrize("kind", list(SPECTRA))
+def test_a_cap_wider_than_the_weight_runs_to_what_fits(kind):
+    # pissa_niter_16 at r 16 on a 200-wide weight: the cap's 17 blocks of 16 columns would not fit.
+    # It runs to the largest niter that fits (199 // 16 - 1 = 11), stopping earlier where it can, and
+    # keeps the promise; only a weight that misses its target there gets the exact SVD.
+    W = weight(kind, seed=5)
+    r = 16
+    kw = pf.svd_lowrank_equivalent(16, r)
+    l = r + kw["oversample"]
+    assert l * (kw["niter"] + 1) >= min(W.shape)
+    ref, exact = svd_lowrank_l1_rel(W, r, 16)
+    out = pf.decompose(W, r, **kw)
+    assert pf.error_vs_exact(W, out, exact).l1_rel <= ref, (kind, out.niter_used)
+    assert out.niter_used is None or 1 <= out.niter_used <= (min(W.shape) - 1) // l - 1
+
+
+def test_a_cap_wider_than_the_weight_falls_back_to_exact_when_the_target_is_missed():
+    W = weight("slow", seed=6)
+    out = pf.decompose(W, 16, 16, tol=1e-9)  # below the float32 passes' noise: never met
+    assert out.niter_used is None
+    assert pf.error_vs_exact(W, out).l1_rel < 1e-4
+
+
 @pytest.mark.parametrize("kwargs,exc,match", [
     (dict(tol=0.0), ValueError, r"tol must be a number > 0"),
     (dict(tol=-1e-3), ValueError, r"tol must be a number > 0.*-0.001"),
