@@ -135,10 +135,10 @@ __attribute__((target("amx-tile,amx-bf16"))) void y_strip(const uint16_t* Wr, in
 // Zt[16 rt0 .. 16 (rt0 + NG), :] (float32, row stride ldz elements) += Y^T W for one repacked block of
 // KCb * 32 rows, Y's three parts accumulated in the same tile.
 template <int NG>
-__attribute__((target("amx-tile,amx-bf16"))) void z_block(const uint16_t* Wv, int64_t nct, const uint16_t* Yt,
-                                                         int64_t NT, int64_t KCb, int64_t rt0, float* Zt,
-                                                         int64_t ldz) {
-  for (int64_t ct = 0; ct < nct; ++ct) {
+__attribute__((target("amx-tile,amx-bf16"))) void z_block(const uint16_t* Wv, int64_t nct, int64_t ct0, int64_t ct1,
+                                                         const uint16_t* Yt, int64_t NT, int64_t KCb, int64_t rt0,
+                                                         float* Zt, int64_t ldz) {
+  for (int64_t ct = ct0; ct < ct1; ++ct) {
     float* C = Zt + rt0 * 16 * ldz + ct * 16;
 #define PF_LOAD(g) \
   if constexpr (NG > g) _tile_loadd(g, C + g * 16 * ldz, ldz * 4);
@@ -220,9 +220,14 @@ void gram_rows(const uint16_t* W, int64_t ldw, int64_t n, int64_t k, int64_t r0,
     for (int64_t i = 0; i < MB; ++i) std::memcpy(Y + (R0 + i) * k, s + i * ldo, sizeof(float) * k);
     pack_a_transposed(Y + R0 * k, MB, k, NT, yt);
     pack_w(W + R0 * ldw, ldw, MB, n, wv);
-    for (int64_t rt0 = 0; rt0 < NT; rt0 += kGroup)
-      with_group<ZBlock>(std::min<int64_t>(kGroup, NT - rt0), static_cast<const uint16_t*>(wv), n / 16,
-                         static_cast<const uint16_t*>(yt), NT, MB / 32, rt0, Zt, n);
+    // 256 columns at a time, every accumulator group over them: that slice of the repacked block stays
+    // in L1/L2 while the groups pass (with more than one group, a sweep over all columns per group
+    // streamed the whole block once per group).
+    const int64_t nct = n / 16;
+    for (int64_t ct0 = 0; ct0 < nct; ct0 += 16)
+      for (int64_t rt0 = 0; rt0 < NT; rt0 += kGroup)
+        with_group<ZBlock>(std::min<int64_t>(kGroup, NT - rt0), static_cast<const uint16_t*>(wv), nct, ct0,
+                           std::min(nct, ct0 + 16), static_cast<const uint16_t*>(yt), NT, MB / 32, rt0, Zt, n);
   }
   tiles_off();
 }
@@ -245,9 +250,9 @@ void gram(const at::Tensor& W, const at::Tensor& V, at::Tensor Y, at::Tensor Z) 
   auto* vp = reinterpret_cast<uint16_t*>(Vp.data_ptr<int16_t>());
   pack_b(V.data_ptr<float>(), n, k, NT, vp);
   // Row ranges of whole 32-row chunks, one per task, each with a Z^T partial of 64 NT n bytes; the
-  // partials together stay within 1/16 of W's bytes (and within the threads).
+  // partials together stay within 1/8 of W's bytes (and within the threads).
   const int64_t chunks = m / 32;
-  const int64_t by_memory = std::max<int64_t>(1, m / (32 * 16 * NT));
+  const int64_t by_memory = std::max<int64_t>(1, m / (16 * 16 * NT));
   const int64_t tasks = std::max<int64_t>(1, std::min({int64_t(at::get_num_threads()), chunks, by_memory}));
   auto Zt = at::zeros({tasks, NT * 16, n}, at::kFloat);
   const auto* w = reinterpret_cast<const uint16_t*>(W.data_ptr<at::BFloat16>());
