@@ -252,8 +252,9 @@ Factors fused_passes(at::TensorList W_all, const Tensor& omega, int64_t r, int64
     const int64_t blk = krylov ? i : 0;
     if (i > 0) {
       // No heap trim here (only at the end of the call, factors.cpp): trimming between passes kept
-      // a 7B layer's peak at 8.9 % extra instead of 9.7 %, but the pages it handed back were faulted
-      // in again by the next step, 10 ms of a 35 ms 4096^2 decomposition (benchmarks/RESULTS.md).
+      // a 7B layer's peak extra memory about a point lower (9.7 % without it), but the pages it
+      // handed back were faulted in again by the next step, about 10 ms of a 35 ms 4096^2
+      // decomposition (benchmarks/RESULTS.md).
       auto Zprev = Zall.narrow(-1, (krylov ? i - 1 : 0) * l, l);
       Tensor Qn = krylov ? orthonormalize_against(Zprev.to(at::kDouble), Qall.narrow(-1, 0, i * l), normalizer)
                          : orthonormalize(Zprev.to(at::kDouble), normalizer);

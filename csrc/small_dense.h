@@ -16,8 +16,8 @@ namespace pissa_fast {
 // latency-bound: each parallel region costs a barrier over all threads, which costs more than the
 // work. There they run on one thread, and the passes over W get every thread back while they run.
 // The small steps of a weight big enough for its passes to want threads (pass_wants_threads) keep
-// every thread: their float64 GEMMs (O((m + n) L l) per step) then gain from it (4096^2, r 64,
-// niter 2: 342 -> 275 ms, benchmarks/RESULTS.md).
+// every thread: their float64 GEMMs (O((m + n) L l) per step) then gain from it (2048^2 to 4096^2,
+// r 4 to 64, on the project's 2-core machine: as fast or faster in every case tried, most at r 64).
 struct SmallStepsOnOneThread {
   explicit SmallStepsOnOneThread(bool cpu);
   ~SmallStepsOnOneThread();

@@ -1,10 +1,10 @@
 // The AMX runtime of the CPU passes: detection, the OS grant, the on/off switch, tile configuration.
 #include "amx_tiles.h"
 
+#include <torch/library.h>
+
 #include <atomic>
 #include <cstdlib>
-
-#include "gram_amx.h"
 
 #ifdef PF_HAVE_AMX
 #include <cpuid.h>
@@ -83,4 +83,9 @@ void tiles_off() {}
 #endif
 
 }  // namespace cpu_amx
+
+TORCH_LIBRARY_IMPL(pissa_fast, CompositeImplicitAutograd, m) {
+  m.impl("_cpu_amx", [](int64_t mode) { return cpu_amx::set_mode(mode); });
+}
+
 }  // namespace pissa_fast

@@ -20,6 +20,10 @@ constexpr int64_t kTile = 512;  // bf16 elements per A or B tile (16 rows x 64 b
 // AMX-BF16 (with AVX-512 F, BW, BF16) present, granted by the OS, and the path switched on.
 bool usable();
 
+// mode 1: on where supported (the default, unless PISSA_FAST_CPU_AMX=0); 0: off; -1: only query.
+// Returns usable() (the op pissa_fast::_cpu_amx).
+bool set_mode(int64_t mode);
+
 // Every tile 16 rows x 64 bytes on this thread, and back.
 void tiles_on();
 void tiles_off();

@@ -13,9 +13,5 @@ bool takes(const at::Tensor& W);
 // Y [m, k] = W V, Z [n, k] = W^T Y for V [n, k] float32 (contiguous); Y and Z are written in place.
 void gram(const at::Tensor& W, const at::Tensor& V, at::Tensor Y, at::Tensor Z);
 
-// mode 1: on where supported (the default, unless PISSA_FAST_CPU_AMX=0); 0: off; -1: only query.
-// Returns whether the path is on now (false where the CPU or the OS lacks AMX).
-bool set_mode(int64_t mode);
-
 }  // namespace cpu_amx
 }  // namespace pissa_fast

@@ -6,7 +6,8 @@
 // the BLAS that ATen links, which uses the threads. (A hand-written AVX2/FMA micro-kernel was
 // measured slower than this on the project's 2-core machines: 38 vs 23 ms for a 4096^2 bf16 pass,
 // 99 vs 59 ms for 11008 x 4096, since its V and Z traffic per row group spilled out of L2.)
-// Bitwise reproducible for a given thread count.
+// Bitwise reproducible for a given thread count. A bf16 weight takes the AMX tiles instead where the
+// CPU has them (gram_amx.cpp).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -109,10 +110,6 @@ std::tuple<at::Tensor, at::Tensor> gram_cpu(at::TensorList W, const at::Tensor& 
 }
 
 }  // namespace
-
-TORCH_LIBRARY_IMPL(pissa_fast, CompositeImplicitAutograd, m) {
-  m.impl("_cpu_amx", [](int64_t mode) { return cpu_amx::set_mode(mode); });
-}
 
 TORCH_LIBRARY_IMPL(pissa_fast, CPU, m) {
   m.impl("wx", &wx_cpu);

@@ -2,7 +2,8 @@
 //
 // Each row block of W is widened to the accumulation dtype in a small per-thread buffer (a no-op
 // view for float32/float64 weights), updated with one BLAS call and rounded back once, so the result
-// is W - B A rounded to W's dtype and no full-size float32 buffer ever exists.
+// is W - B A rounded to W's dtype and no full-size float32 buffer ever exists. A bf16 weight takes the
+// AMX tiles instead where the CPU has them (residual_amx.cpp).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
