@@ -10,8 +10,7 @@
 // into three bf16 parts, x = hi + mid + lo, each the rounding of what the earlier parts left (the
 // differences are exact in float32): hi + mid + lo carries x to float32's own precision. The parts
 // are stacked along the sum's dimension, so they accumulate into the same float32 tile. AMX flushes
-// denormals; the caller's pass scale keeps
-// the products far from that range.
+// denormals; the caller's pass scale keeps the products far from that range.
 //
 // Layout. AMX computes C[16 x 16] += A[16 x 32] B[32 x 16] with B stored as 16 rows of 16 bf16 pairs
 // (VNNI: row i holds B[2i][j], B[2i+1][j] side by side). Y = W V takes A tiles straight from W's rows
@@ -28,7 +27,6 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-
 
 namespace pissa_fast {
 namespace cpu_amx {
