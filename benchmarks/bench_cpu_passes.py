@@ -11,7 +11,6 @@ Times are medians of --repeats interleaved calls after a warm-up. Needs a CPU wi
 """
 import argparse
 import os
-import statistics
 import sys
 import time
 
@@ -19,21 +18,15 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pissa_fast as pf  # noqa: E402
+from bench_core import time_interleaved  # noqa: E402
 from pissa_fast.machine import cpu_model, loadavg  # noqa: E402
 
 amx = torch.ops.pissa_fast._cpu_amx
 
 
 def timed(fns, repeats):
-    for f in fns.values():
-        f()
-    ts = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
-            t = time.perf_counter()
-            f()
-            ts[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) * 1e3 for k, v in ts.items()}
+    """Medians in ms of interleaved calls (bench_core's timing)."""
+    return {k: v * 1e3 for k, v in time_interleaved(fns, repeats).items()}
 
 
 def switched(mode, fn):
