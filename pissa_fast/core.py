@@ -71,6 +71,23 @@ def _name(key) -> str:
     return "weight" if key is None else f"weights[{key!r}]"
 
 
+def weight_seeds(keys, seed, single=False) -> list[int] | None:
+    """Each weight's seed, in the order of keys, where seed is a mapping key -> int (None for one int
+    seed): every key must have an int entry."""
+    if not isinstance(seed, Mapping):
+        return None
+    out = []
+    for key in keys:
+        if key not in seed:
+            raise ValueError(f"seed is a mapping of per-weight seeds but has no entry for "
+                             f"{_name(None if single else key)}")
+        v = seed[key]
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise TypeError(f"seed[{key!r}] must be an int, got {type(v).__name__} {v!r}")
+        out.append(int(v))
+    return out
+
+
 def _check_stop(tol, like_svd_lowrank, niter, method):
     if tol is not None:
         if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not (math.isfinite(tol) and tol > 0):
@@ -273,11 +290,7 @@ def decompose_many(weights: Mapping[Any, torch.Tensor] | Sequence[torch.Tensor],
         return {} if is_map else []
     for key, w in items:
         _check_weight(None if _single else key, w, r, inplace)
-    if isinstance(seed, Mapping):
-        missing = next((key for key, _ in items if key not in seed), None)
-        if missing is not None:
-            raise ValueError(f"seed is a mapping of per-weight seeds but has no entry for "
-                             f"{_name(None if _single else missing)}")
+    weight_seeds([key for key, _ in items], seed, _single)
     if inplace:  # views of one storage are fine (a fused qkv's slices) as long as they are disjoint
         spans = []
         for key, w in items:

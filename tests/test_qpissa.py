@@ -205,6 +205,22 @@ def test_many_matches_single_and_inplace():
     assert qpissa_many({}, 4) == {} and qpissa_many([], 4) == []
 
 
+def test_many_takes_a_seed_per_weight():
+    # One call with a seed mapping gives each weight what a call with its own seed gives it.
+    Ws = {"a": llm_like(64, 96, seed=7), "b": llm_like(96, 64, seed=8), "c": llm_like(64, 96, seed=9)}
+    seeds = {"a": 3, "b": 11, "c": 5}
+    outs = qpissa_many(Ws, 4, 4, iters=2, seed=seeds)
+    for k, w in Ws.items():
+        ref = qpissa(w, 4, 4, iters=2, seed=seeds[k])
+        assert torch.equal(outs[k].residual, ref.residual)
+        assert torch.equal(outs[k].A, ref.A) and torch.equal(outs[k].B, ref.B)
+        assert outs[k].errors == ref.errors
+    with pytest.raises(ValueError, match=r"no entry for weights\['c'\]"):
+        qpissa_many(Ws, 4, 4, seed={"a": 3, "b": 11})
+    with pytest.raises(TypeError, match=r"seed\['a'\] must be an int"):
+        qpissa_many(Ws, 4, 4, seed={"a": 1.5, "b": 11, "c": 5})
+
+
 def test_transposed_view_and_exact_svd():
     W = llm_like(96, 64, seed=10)
     Wt = W.t().contiguous().t()  # same values, column-major

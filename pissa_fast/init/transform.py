@@ -188,12 +188,10 @@ class QPissaTransform:
                 for k, w in weights.items()}
         mats = {k: (x.t() if targets[k].transposed else x) for k, x in work.items()}  # (out, in)
         t0 = time.perf_counter()
-        outs = {}
-        for s in sorted({weight_seed(self.seed, k) for k in mats}):
-            part = {k: m for k, m in mats.items() if weight_seed(self.seed, k) == s}
-            outs.update(qpissa_many(part, self.r, self.niter, iters=self.iters, quant=self.spec.quant_type,
-                                    blocksize=self.spec.blocksize, double_quant=self.spec.double_quant,
-                                    start=self.start, scales=self.scales, inplace=True, seed=s))
+        seeds = {k: weight_seed(self.seed, k) for k in mats}  # one call; each weight's result is its own
+        outs = qpissa_many(mats, self.r, self.niter, iters=self.iters, quant=self.spec.quant_type,
+                           blocksize=self.spec.blocksize, double_quant=self.spec.double_quant,
+                           start=self.start, scales=self.scales, inplace=True, seed=seeds)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.seconds += time.perf_counter() - t0

@@ -48,7 +48,7 @@ from typing import Any
 import torch
 
 from .._ops import ops
-from ..core import Decomposition, decompose_many
+from ..core import Decomposition, decompose_many, weight_seeds
 from ..options import progress_enabled
 from . import nf4
 from .error import quant_error
@@ -170,14 +170,15 @@ def qpissa_many(weights: Mapping[Any, torch.Tensor] | Sequence[torch.Tensor], r:
                 niter: int | None = 4, *, iters: int = 1, quant: str = "nf4", blocksize: int = 64,
                 double_quant: bool = False, start: str = DEFAULT_START, scales: str = DEFAULT_SCALES,
                 inplace: bool = False, method: str | None = None,
-                oversample: int | None = None, seed: int = 0, verify: bool = True,
+                oversample: int | None = None, seed: int | Mapping[Any, int] = 0, verify: bool = True,
                 progress: bool = False, on_round=None, _single: bool = False):
     """qpissa() for many weights (a dict name -> tensor returns a dict, a list returns a list): every
     round's top-r step is one decompose_many call over all of them (same-shape weights share one
     launch per pass on CUDA). Everything is validated, and every round computed, before the first
     residual is written (inplace=True). Peak memory: see the module docstring; pass one group of
     layers at a time (a decoder layer, a shard) to bound it. on_round(t), if given, is called when
-    round t's errors are known (benchmarks time the rounds with it)."""
+    round t's errors are known (benchmarks time the rounds with it). seed may also be a mapping
+    key -> int, each weight's own seed, as in decompose_many."""
     spec = nf4.QuantSpec(quant, blocksize, double_quant)
     if start not in STARTS:
         raise ValueError(f"start must be one of {', '.join(STARTS)}, got {start!r}")
@@ -191,15 +192,20 @@ def qpissa_many(weights: Mapping[Any, torch.Tensor] | Sequence[torch.Tensor], r:
     items = list(weights.items()) if is_map else list(enumerate(weights))
     for key, w in items:
         _check_weight(_name(key, _single), w, r, inplace)
+    own = weight_seeds([key for key, _ in items], seed, _single)
     if inplace:
         _check_disjoint(items, _single)
     nf4.bnb_functional()  # a missing bitsandbytes is named before any work
     if not items:
         return {} if is_map else []
-    kw = dict(method=method, oversample=oversample, seed=seed)
+    kw = dict(method=method, oversample=oversample)
     Ws = [w.detach() for _, w in items]
-    lanes = _rounds(Ws, r, niter, kw, spec, iters=iters, starts=STARTS[start], search=scales == "search",
-                    progress=progress, on_round=on_round)
+
+    def seed_of(idx):  # decompose_many's seed for a list call over the weights at positions idx
+        return seed if own is None else {p: own[i] for p, i in enumerate(idx)}
+
+    lanes = _rounds(Ws, r, niter, kw, seed_of, spec, iters=iters, starts=STARTS[start],
+                    search=scales == "search", progress=progress, on_round=on_round)
 
     results = []
     for i, w in enumerate(Ws):
@@ -211,7 +217,8 @@ def qpissa_many(weights: Mapping[Any, torch.Tensor] | Sequence[torch.Tensor], r:
         if verify:
             packed, state, R, exact, changed = nf4.fixed_point(packed, state, spec)
             if changed:  # the load settles R elsewhere: refit the factors to what it will give
-                fields = _fields(decompose_many([torch.sub(w, R)], r, niter, inplace=True, **kw)[0])
+                fields = _fields(decompose_many([torch.sub(w, R)], r, niter, inplace=True, seed=seed_of([i]),
+                                                **kw)[0])
                 error = quant_error(w, R, fields["A"], fields["B"])
         else:
             R = nf4.dequantize(packed, state)
@@ -228,10 +235,10 @@ def qpissa_many(weights: Mapping[Any, torch.Tensor] | Sequence[torch.Tensor], r:
     return results
 
 
-def _rounds(Ws, r, niter, kw, spec, *, iters, starts, search, progress, on_round) -> list[dict]:
+def _rounds(Ws, r, niter, kw, seed_of, spec, *, iters, starts, search, progress, on_round) -> list[dict]:
     """The rounds of every (weight, start) lane, in lockstep: each round's top-r step is one
-    decompose_many call over all lanes. Returns per weight {start: {error, round, codes, fields, errors}}
-    of its best round."""
+    decompose_many call over all lanes (seed_of(weight positions): its seed). Returns per weight
+    {start: {error, round, codes, fields, errors}} of its best round."""
     lanes = [(i, s) for s in starts for i in range(len(Ws))]
     work: list = [None] * len(lanes)
     # Round 0. "pissa": PiSSA's factors of W, whose residual W - B A (new buffers in W's dtype) round 1
@@ -239,7 +246,9 @@ def _rounds(Ws, r, niter, kw, spec, *, iters, starts, search, progress, on_round
     # "quantized": no factors, round 1 quantizes (a copy of) W.
     pissa = [j for j, (i, s) in enumerate(lanes) if s == "pissa"]
     if pissa:
-        for j, d in zip(pissa, decompose_many([Ws[lanes[j][0]] for j in pissa], r, niter, inplace=False, **kw)):
+        idx = [lanes[j][0] for j in pissa]
+        for j, d in zip(pissa, decompose_many([Ws[i] for i in idx], r, niter, inplace=False, seed=seed_of(idx),
+                                              **kw)):
             work[j] = d.residual
     for j, (i, s) in enumerate(lanes):
         if s == "quantized":
@@ -266,7 +275,8 @@ def _rounds(Ws, r, niter, kw, spec, *, iters, starts, search, progress, on_round
             torch.sub(Ws[i], R, out=R)  # W - R_t, in W's dtype (exact where R is within 2x of W: Sterbenz)
             work[j] = R
             codes[j] = (packed, state)
-        fits = decompose_many(work, r, niter, inplace=True, **kw)  # work <- W - R_t - B_t A_t
+        fits = decompose_many(work, r, niter, inplace=True, seed=seed_of([i for i, _ in lanes]),
+                              **kw)  # work <- W - R_t - B_t A_t
         for j, ((i, _), d) in enumerate(zip(lanes, fits)):
             w = Ws[i]
             # Measured in float64 from W, R_t (dequantized again: the buffer now holds W - R_t - B A
