@@ -59,6 +59,12 @@ struct alignas(64) TileConfig {
 
 bool usable() { return switched_on() && supported(); }
 
+bool takes_bf16(const at::Tensor& W, int64_t row_multiple) {
+  return W.device().is_cpu() && W.scalar_type() == at::kBFloat16 && W.dim() == 2 && W.size(0) > 0 &&
+         W.size(1) > 0 && W.size(0) % row_multiple == 0 && W.size(1) % 32 == 0 && W.stride(1) == 1 &&
+         W.stride(0) >= W.size(1) && usable();
+}
+
 bool set_mode(int64_t mode) {
   if (mode >= 0) g_mode.store(mode > 0 ? 1 : 0);
   return usable();

@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include <ATen/ATen.h>
 #include <c10/util/BFloat16.h>
 
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
@@ -19,6 +20,10 @@ constexpr int64_t kTile = 512;  // bf16 elements per A or B tile (16 rows x 64 b
 
 // AMX-BF16 (with AVX-512 F, BW, BF16) present, granted by the OS, and the path switched on.
 bool usable();
+
+// Whether an AMX pass takes W: usable(), W a non-empty bf16 CPU matrix with unit column stride, its
+// rows a multiple of row_multiple and its columns of 32.
+bool takes_bf16(const at::Tensor& W, int64_t row_multiple);
 
 // mode 1: on where supported (the default, unless PISSA_FAST_CPU_AMX=0); 0: off; -1: only query.
 // Returns usable() (the op pissa_fast::_cpu_amx).

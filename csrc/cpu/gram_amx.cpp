@@ -234,11 +234,7 @@ void gram_rows(const uint16_t* W, int64_t ldw, int64_t n, int64_t k, int64_t r0,
 
 }  // namespace
 
-bool takes(const at::Tensor& W) {
-  return W.device().is_cpu() && W.scalar_type() == at::kBFloat16 && W.dim() == 2 && W.size(0) % 32 == 0 &&
-         W.size(1) % 32 == 0 && W.size(0) > 0 && W.size(1) > 0 && W.stride(1) == 1 && W.stride(0) >= W.size(1) &&
-         usable();
-}
+bool takes(const at::Tensor& W) { return takes_bf16(W, 32); }
 
 void gram(const at::Tensor& W, const at::Tensor& V, at::Tensor Y, at::Tensor Z) {
 #ifdef PF_HAVE_AMX

@@ -111,11 +111,7 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void subtract_rows(const 
 
 }  // namespace
 
-bool takes_residual(const at::Tensor& W) {
-  return W.device().is_cpu() && W.scalar_type() == at::kBFloat16 && W.dim() == 2 && W.size(0) % 16 == 0 &&
-         W.size(1) % 32 == 0 && W.size(0) > 0 && W.size(1) > 0 && W.stride(1) == 1 && W.stride(0) >= W.size(1) &&
-         usable();
-}
+bool takes_residual(const at::Tensor& W) { return takes_bf16(W, 16); }
 
 void residual(const at::Tensor& W, const at::Tensor& B, const at::Tensor& A, at::Tensor out) {
 #ifdef PF_HAVE_AMX
