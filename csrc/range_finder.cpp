@@ -33,42 +33,67 @@ using at::Tensor;
 namespace {
 
 // Rayleigh-Ritz from the Gram matrices YY = Y^T Y and ZZ = Z^T Z of one basis.
-//   Y^T Y = X sig^2 X^T  ->  P = Y T, T = X sig^-1, is an orthonormal basis of range(W Q);
+//   Y^T Y = T^-T T^-1 (any whitening T)  ->  P = Y T is an orthonormal basis of range(W Q);
 //   C = P^T W = T^T Z^T, so C C^T = T^T (Z^T Z) T = Uc sc^2 Uc^T and
 //   U = P Uc = Y (T Uc),  V = C^T Uc / sc = Z (T Uc) / sc.
-// Directions of W Q below keep_tol * max are dropped (float32 pass error / sig would dominate).
+// T comes from the Cholesky factor of Y^T Y where W Q is well conditioned (one L x L eigenproblem
+// per step instead of two: the eigh of Y^T Y cost as much as that of C C^T). Where W Q is nearly
+// rank-deficient it comes from eigh(Y^T Y) = X sig^2 X^T, T = X sig^-1, and directions of W Q below
+// keep_tol * max are dropped (float32 pass error / sig would dominate).
 struct Ritz {
   Tensor TU, sc, s_next;  // [b, L, r], [b, r], [b]: left Ritz vectors' coordinates and values
-  Tensor Tr, Xr, sig_r;   // the right Rayleigh-Ritz W ~ (W Q) Q^T, for rank-deficient W Q
+  Tensor Tr, Xr, sig_r;   // the right Rayleigh-Ritz W ~ (W Q) Q^T, for rank-deficient W Q (eigh path only)
   Tensor enough;          // [b]: at least r directions of W Q kept
 };
 
+// The Cholesky whitening T = C^-T (Y^T Y = C C^T) of every matrix of the group, or an undefined
+// tensor where some W Q has a condition number above 1 / keep_tol. The bound used,
+// ||C||_F ||C^-1||_F >= cond(C) = cond(W Q), is cheap and never below the truth, so the eigh path's
+// keep_tol test would keep every direction wherever this path is taken. One host sync.
+Tensor cholesky_whitening(const Tensor& YY, double keep_tol) {
+  auto [C, info] = at::linalg_cholesky_ex(YY);
+  auto eye = at::eye(YY.size(-1), YY.options());
+  auto Cinv = at::linalg_solve_triangular(C, eye, /*upper=*/false);
+  auto fro = [](const Tensor& t) { return t.square().sum({-2, -1}).sqrt(); };
+  auto cond = at::where(info == 0, fro(C) * fro(Cinv), at::full_like(info, INFINITY, YY.options()));
+  if (!(cond * keep_tol < 1).all().item<bool>()) return Tensor();  // NaN fails too
+  return Cinv.mT();
+}
+
 Ritz ritz(const Tensor& YY, const Tensor& ZZ, int64_t r, double keep_tol) {
   const int64_t L = YY.size(-1);
-  auto [ev, X] = small_eigh(YY);
-  auto sig = ev.clamp_min(0).sqrt();
-  auto smax = std::get<0>(sig.max(-1, /*keepdim=*/true));
-  auto keep = sig > smax * keep_tol;
-  auto inv = at::where(keep, sig.reciprocal(), at::zeros_like(sig));
-  auto T = X * inv.unsqueeze(-2);
+  auto top = at::arange(L - 1, L - 1 - r, -1, YY.options().dtype(at::kLong));
+  Ritz out;
+  Tensor T = cholesky_whitening(YY, keep_tol);
+  Tensor X, sig, keep;
+  if (!T.defined()) {
+    auto [ev, X_] = small_eigh(YY);
+    X = X_;
+    sig = ev.clamp_min(0).sqrt();
+    auto smax = std::get<0>(sig.max(-1, /*keepdim=*/true));
+    keep = sig > smax * keep_tol;
+    auto inv = at::where(keep, sig.reciprocal(), at::zeros_like(sig));
+    T = X * inv.unsqueeze(-2);
+  }
   auto H = at::bmm(T.mT(), at::bmm(ZZ, T));
   auto [ec, Uc] = small_eigh(H);
-  auto top = at::arange(L - 1, L - 1 - r, -1, ev.options().dtype(at::kLong));
-  Ritz out;
   out.sc = ec.index_select(-1, top).clamp_min(0).sqrt();
   out.TU = at::bmm(T, Uc.index_select(-1, top));
   out.s_next = L > r ? ec.select(-1, L - 1 - r).clamp_min(0).sqrt() : at::zeros_like(ec.select(-1, 0));
-  out.Tr = T.index_select(-1, top);
-  out.Xr = X.index_select(-1, top);
-  out.sig_r = sig.index_select(-1, top);
-  out.enough = keep.sum(-1) >= r;
+  if (X.defined()) {
+    out.Tr = T.index_select(-1, top);
+    out.Xr = X.index_select(-1, top);
+    out.sig_r = sig.index_select(-1, top);
+    out.enough = keep.sum(-1) >= r;
+  } else {
+    out.enough = at::ones({YY.size(0)}, YY.options().dtype(at::kBool));
+  }
   return out;
 }
 
 Ritz select(const Ritz& a, const Tensor& idx) {
-  return {a.TU.index_select(0, idx), a.sc.index_select(0, idx), a.s_next.index_select(0, idx),
-          a.Tr.index_select(0, idx), a.Xr.index_select(0, idx), a.sig_r.index_select(0, idx),
-          a.enough.index_select(0, idx)};
+  auto pick = [&](const Tensor& t) { return t.defined() ? t.index_select(0, idx) : t; };
+  return {pick(a.TU), pick(a.sc), pick(a.s_next), pick(a.Tr), pick(a.Xr), pick(a.sig_r), pick(a.enough)};
 }
 
 // (U, S, V) from a Ritz step and the basis it was taken on.
