@@ -47,15 +47,17 @@ struct Ritz {
 };
 
 // The Cholesky whitening T = C^-T (Y^T Y = C C^T) of every matrix of the group, or an undefined
-// tensor where some W Q has a condition number above 1 / keep_tol. The bound used,
-// ||C||_F ||C^-1||_F >= cond(C) = cond(W Q), is cheap and never below the truth, so the eigh path's
-// keep_tol test would keep every direction wherever this path is taken. One host sync.
+// tensor where some W Q may have a direction below keep_tol times its largest. The test bounds
+// both ends from the safe side, so the eigh path would keep every direction wherever this path is
+// taken: sig_max^2 = lambda_max(Y^T Y) <= the largest absolute row sum of Y^T Y (Gershgorin), and
+// 1 / sig_min = ||C^-1||_2 <= ||C^-1||_F. One host sync.
 Tensor cholesky_whitening(const Tensor& YY, double keep_tol) {
   auto [C, info] = at::linalg_cholesky_ex(YY);
   auto eye = at::eye(YY.size(-1), YY.options());
   auto Cinv = at::linalg_solve_triangular(C, eye, /*upper=*/false);
-  auto fro = [](const Tensor& t) { return t.square().sum({-2, -1}).sqrt(); };
-  auto cond = at::where(info == 0, fro(C) * fro(Cinv), at::full_like(info, INFINITY, YY.options()));
+  auto smax = std::get<0>(YY.abs().sum(-1).max(-1)).sqrt();
+  auto inv_smin = Cinv.square().sum({-2, -1}).sqrt();
+  auto cond = at::where(info == 0, smax * inv_smin, at::full_like(smax, INFINITY));
   if (!(cond * keep_tol < 1).all().item<bool>()) return Tensor();  // NaN fails too
   return Cinv.mT();
 }
@@ -148,8 +150,9 @@ Tensor svd_lowrank_prediction(const Ritz& z, int64_t N) {
 Tensor pass_scale(at::TensorList W, const Tensor& Y, const Tensor& Z, bool* redo) {
   const int64_t b = Y.size(0);
   auto Yf = Y.reshape({b, -1}), Zf = Z.reshape({b, -1});
-  auto finite = at::isfinite(Yf).all(-1) & at::isfinite(Zf).all(-1);
+  // amax propagates NaN and Inf, so the range tests below also reject non-finite Y and Z.
   auto s = Yf.abs().amax(-1).to(at::kDouble);  // |W V| for orthonormal V: about ||W|| in scale
+  auto finite = at::isfinite(Zf.abs().amax(-1));
   const double lo = std::ldexp(1.0, -40), hi = std::ldexp(1.0, 40);
   auto ok = finite & (((s >= lo) & (s <= hi)) | (s == 0));
   *redo = !ok.all().item<bool>();
@@ -232,11 +235,31 @@ Factors fused_passes(at::TensorList W_all, const Tensor& omega, int64_t r, int64
   // a 4096 x 11008 weight). Only the pathological scales (c defined) keep float64: Y / c and Z / c
   // may be outside float32's range. The small steps widen them to float64 where they compute.
   const auto store_dt = c.defined() ? at::kDouble : acc;
+  //
+  // With a stopping criterion most matrices stop well before the cap (pissa_niter_16 weights mostly
+  // at niter 4-5), and the first store into a [b, n, Lmax] tensor touches every one of its pages
+  // (each row holds a piece of every block): a 5632 x 2048 weight at cap 16 faulted 14 MB in for
+  // 5 blocks' use, about 3.5 ms. So the tall blocks start with room for kFirstBlocks and grow by
+  // half when full; the Gram matrices (L x L) are allocated whole.
+  constexpr int64_t kFirstBlocks = 6;
   const int64_t blocks = krylov ? niter + 1 : 1, Lmax = l * blocks;
   const auto sto = omega.options().dtype(store_dt);
-  auto Qall = at::empty({b, n, Lmax}, sto), Yall = at::empty({b, m, Lmax}, sto), Zall = at::empty({b, n, Lmax}, sto);
+  int64_t room = stopping ? std::min(blocks, kFirstBlocks) : blocks;
+  auto Qall = at::empty({b, n, l * room}, sto), Yall = at::empty({b, m, l * room}, sto),
+       Zall = at::empty({b, n, l * room}, sto);
   auto YY = at::empty({b, Lmax, Lmax}, f64), ZZ = at::empty({b, Lmax, Lmax}, f64);
+  auto grow = [&](int64_t need) {
+    if (need <= room) return;
+    const int64_t used = l * room;
+    room = std::min(blocks, std::max(need, room + room / 2));
+    for (Tensor* t : {&Qall, &Yall, &Zall}) {
+      auto bigger = at::empty({t->size(0), t->size(1), l * room}, t->options());
+      bigger.narrow(-1, 0, used).copy_(*t);
+      *t = bigger;
+    }
+  };
   auto store = [&](int64_t blk, const Tensor& Qi, const Tensor& Yi, const Tensor& Zi) {
+    grow(blk + 1);
     Qall.narrow(-1, blk * l, l).copy_(Qi);
     Yall.narrow(-1, blk * l, l).copy_(Yi);
     Zall.narrow(-1, blk * l, l).copy_(Zi);
@@ -281,7 +304,10 @@ Factors fused_passes(at::TensorList W_all, const Tensor& omega, int64_t r, int64
       // handed back were faulted in again by the next step, about 10 ms of a 35 ms 4096^2
       // decomposition (benchmarks/RESULTS.md).
       auto Zprev = Zall.narrow(-1, (krylov ? i - 1 : 0) * l, l);
-      Tensor Qn = krylov ? orthonormalize_against(Zprev.to(at::kDouble), Qall.narrow(-1, 0, i * l), normalizer)
+      // The first projection's coefficients Q_{<i}^T Z_{i-1} = Q_{<i}^T W^T W Q_{i-1} = Y_{<i}^T Y_{i-1}:
+      // the last block column of Y^T Y, computed by store() already.
+      Tensor Qn = krylov ? orthonormalize_against(Zprev.to(at::kDouble), Qall.narrow(-1, 0, i * l), normalizer,
+                                                  YY.narrow(1, 0, i * l).narrow(2, (i - 1) * l, l))
                          : orthonormalize(Zprev.to(at::kDouble), normalizer);
       auto [Yi, Zi] = run(Qn, c);
       store(blk, Qn, Yi, Zi);

@@ -210,13 +210,17 @@ Tensor nn_f64(const Tensor& A, const Tensor& C) { return nn_rows(nullptr, A, C);
 
 Tensor minus_nn_f64(const Tensor& Y, const Tensor& A, const Tensor& C) { return nn_rows(&Y, A, C); }
 
-Tensor orthonormalize_against(const Tensor& X, const Tensor& Qprev, const std::string& normalizer) {
+Tensor orthonormalize_against(const Tensor& X, const Tensor& Qprev, const std::string& normalizer,
+                              const Tensor& coeffs) {
   auto project = [&](const Tensor& Y) { return minus_nn_f64(Y, Qprev, tn_f64(Qprev, Y)); };
   if (normalizer == "qr") return orthonormalize(project(orthonormalize(project(X), normalizer)), normalizer);
   // Block Gram-Schmidt twice with one CholeskyQR sweep each (BCGS2): the second projection and
   // sweep are the reorthogonalization that CholeskyQR2's second sweep would be. A block the
-  // projection nearly annihilated takes the shifted path, and one more sweep after it.
-  auto [Q, shifted] = cholqr_sweep(project(X));
+  // projection nearly annihilated takes the shifted path, and one more sweep after it. Coefficients
+  // known to rounding error may replace the first projection's: the second one removes what they
+  // leave, as it removes the first Gram-Schmidt's own rounding.
+  auto first = coeffs.defined() ? minus_nn_f64(X, Qprev, coeffs) : project(X);
+  auto [Q, shifted] = cholqr_sweep(first);
   if (shifted) Q = cholqr_sweep(Q).first;
   auto [Q2, shifted2] = cholqr_sweep(project(Q));
   if (shifted2) Q2 = cholqr_sweep(Q2).first;

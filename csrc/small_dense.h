@@ -62,8 +62,11 @@ at::Tensor call_wtx(at::TensorList W, const at::Tensor& Y);
 at::Tensor orthonormalize(const at::Tensor& X, const std::string& normalizer);
 
 // X's columns made orthonormal against the orthonormal Qprev (block Gram-Schmidt, twice). Qprev may
-// be stored in float32 (it is widened a row chunk at a time); X and the result are float64.
-at::Tensor orthonormalize_against(const at::Tensor& X, const at::Tensor& Qprev, const std::string& normalizer);
+// be stored in float32 (it is widened a row chunk at a time); X and the result are float64. coeffs,
+// where defined, is Qprev^T X to within rounding error, known by other means: cholqr2 then skips
+// computing it for the first projection.
+at::Tensor orthonormalize_against(const at::Tensor& X, const at::Tensor& Qprev, const std::string& normalizer,
+                                  const at::Tensor& coeffs = at::Tensor());
 
 // Products with a tall block A [b, n, L] of any floating dtype, computed in float64 with A widened a
 // row chunk (about 1 MiB of float64) at a time: a float32-stored Krylov block never has a full
