@@ -78,6 +78,42 @@ def test_nan_reaches_the_outputs():
     assert not bool(torch.isfinite(Z).all())
 
 
+@pytest.mark.parametrize("m,n", [(32, 32), (64, 96), (96, 64), (320, 160), (64, 576)])
+@pytest.mark.parametrize("k", [1, 16, 24, 40])
+def test_wx_wtx_against_float64(m, n, k):
+    W = bf16_weights(m, n)
+    amx(1)
+    X, Yin = torch.randn(len(W), n, k), torch.randn(len(W), m, k)
+    Y, Z = ops.wx(W, X), ops.wtx(W, Yin)
+    for w, x, yin, y, z in zip(W, X, Yin, Y, Z):
+        wd = w.double()
+        assert bool(((y.double() - wd @ x.double()).abs() <= n * U32 * (wd.abs() @ x.double().abs()) + 1e-300).all())
+        zb = m * U32 * (wd.abs().T @ yin.double().abs())
+        assert bool(((z.double() - wd.T @ yin.double()).abs() <= zb + 1e-300).all())
+
+
+def test_wx_wtx_match_gram_and_the_float32_path():
+    W = bf16_weights(320, 192)
+    X = torch.randn(2, 192, 24)
+    amx(1)
+    Y, Z = ops.gram(W, X)
+    # the same tiles in the same order: wx is gram's Y, wtx of that Y is gram's Z
+    assert torch.equal(ops.wx(W, X), Y) and torch.equal(ops.wtx(W, Y), Z)
+    amx(0)
+    Y0, Z0 = ops.wx(W, X), ops.wtx(W, Y)
+    assert torch.allclose(Y, Y0, rtol=1e-5, atol=1e-5 * float(Y0.abs().max()))
+    assert torch.allclose(Z, Z0, rtol=1e-5, atol=1e-5 * float(Z0.abs().max()))
+
+
+def test_wx_wtx_other_shapes_take_the_float32_path():
+    W = [torch.randn(37, 64).to(torch.bfloat16)]
+    X, Yin = torch.randn(1, 64, 8), torch.randn(1, 37, 8)
+    amx(1)
+    Y, Z = ops.wx(W, X), ops.wtx(W, Yin)
+    amx(0)
+    assert torch.equal(Y, ops.wx(W, X)) and torch.equal(Z, ops.wtx(W, Yin))
+
+
 def test_decompose_is_as_accurate_as_with_the_float32_path():
     g = torch.Generator().manual_seed(1)
     U, _ = torch.linalg.qr(torch.randn(256, 256, dtype=torch.float64, generator=g))

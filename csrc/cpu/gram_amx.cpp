@@ -191,16 +191,25 @@ void* scratch(at::Tensor& t, int64_t numel, at::ScalarType dt) {
 // in L2 next to the Z^T tiles it updates; a multiple of 32.
 int64_t block_rows(int64_t n) { return std::max<int64_t>(32, ((int64_t(1) << 20) / (2 * n)) / 32 * 32); }
 
-// Rows [r0, r1) of W (multiples of 32): their rows of Y, and their share of Z^T in Zt [16 NT, n].
-void gram_rows(const uint16_t* W, int64_t ldw, int64_t n, int64_t k, int64_t r0, int64_t r1, const uint16_t* Vp,
-               int64_t NT, float* Y, float* Zt) {
+// Which products a sweep over W's rows makes: Y = W V (the rows of Y), Z^T += Y^T W (from those rows of
+// Y), or both in one read of W (gram).
+enum Products { kY = 1, kZ = 2, kYZ = 3 };
+
+// Rows [r0, r1) of W (multiples of 32): with kY, their rows of Y from V's packed parts Vp; with kZ,
+// their share of Z^T in Zt [16 NT, n] from their rows of Y (given, or just computed).
+void sweep_rows(Products what, const uint16_t* W, int64_t ldw, int64_t n, int64_t k, int64_t r0, int64_t r1,
+                const uint16_t* Vp, int64_t NT, float* Y, float* Zt) {
   const int64_t rows = block_rows(n);
   // Per-thread scratch, kept between calls (at most about 1 MiB): fresh buffers would be fresh
   // mappings, page-faulted on every pass.
   thread_local at::Tensor Wv, Yt, strip;
-  auto* wv = reinterpret_cast<uint16_t*>(scratch(Wv, rows * n, at::kShort));
-  auto* yt = reinterpret_cast<uint16_t*>(scratch(Yt, (rows / 32) * NT * kParts * kTile, at::kShort));
-  float* s = static_cast<float*>(scratch(strip, rows * NT * 16, at::kFloat));
+  uint16_t *wv = nullptr, *yt = nullptr;
+  float* s = nullptr;
+  if (what & kZ) {
+    wv = reinterpret_cast<uint16_t*>(scratch(Wv, rows * n, at::kShort));
+    yt = reinterpret_cast<uint16_t*>(scratch(Yt, (rows / 32) * NT * kParts * kTile, at::kShort));
+  }
+  if (what & kY) s = static_cast<float*>(scratch(strip, rows * NT * 16, at::kFloat));
   const int64_t ldo = NT * 16, KC = n / 32;
   // V's packed parts are 3 KiB per 32 rows and 16 columns: taken in slices of at most ~512 KiB, which
   // stay in L2 while every row strip of the block passes over them.
@@ -208,14 +217,17 @@ void gram_rows(const uint16_t* W, int64_t ldw, int64_t n, int64_t k, int64_t r0,
   tiles_on();
   for (int64_t R0 = r0; R0 < r1; R0 += rows) {
     const int64_t MB = std::min(rows, r1 - R0);
-    for (int64_t kc0 = 0; kc0 < KC; kc0 += kc_step) {
-      const int64_t kc1 = std::min(KC, kc0 + kc_step);
-      for (int64_t row = R0; row < R0 + MB; row += 16)
-        for (int64_t g0 = 0; g0 < NT; g0 += kGroup)
-          with_group<YStrip>(std::min<int64_t>(kGroup, NT - g0), W + row * ldw, ldw * 2, kc0, kc1, Vp, NT, g0,
-                             s + (row - R0) * ldo, ldo * 4, kc0 == 0);
+    if (what & kY) {
+      for (int64_t kc0 = 0; kc0 < KC; kc0 += kc_step) {
+        const int64_t kc1 = std::min(KC, kc0 + kc_step);
+        for (int64_t row = R0; row < R0 + MB; row += 16)
+          for (int64_t g0 = 0; g0 < NT; g0 += kGroup)
+            with_group<YStrip>(std::min<int64_t>(kGroup, NT - g0), W + row * ldw, ldw * 2, kc0, kc1, Vp, NT, g0,
+                               s + (row - R0) * ldo, ldo * 4, kc0 == 0);
+      }
+      for (int64_t i = 0; i < MB; ++i) std::memcpy(Y + (R0 + i) * k, s + i * ldo, sizeof(float) * k);
     }
-    for (int64_t i = 0; i < MB; ++i) std::memcpy(Y + (R0 + i) * k, s + i * ldo, sizeof(float) * k);
+    if (!(what & kZ)) continue;
     pack_a_transposed(Y + R0 * k, MB, k, NT, yt);
     pack_w(W + R0 * ldw, ldw, MB, n, wv);
     // 256 columns at a time, every accumulator group over them: that slice of the repacked block stays
@@ -230,47 +242,75 @@ void gram_rows(const uint16_t* W, int64_t ldw, int64_t n, int64_t k, int64_t r0,
   tiles_off();
 }
 
+// One sweep over W [m, n] making `what`: Y [m, k] from V [n, k] (kY), Z [n, k] = W^T Y (kZ, Y given or
+// made). Row ranges of whole 32-row chunks go one per task; with kZ each task has a Z^T partial of
+// 64 NT n bytes, the partials together within 1/8 of W's bytes (and within the threads), summed in
+// task order: deterministic for a given thread count.
+void sweep(Products what, const at::Tensor& W, const float* V, float* Y, float* Z, int64_t k) {
+  const int64_t m = W.size(0), n = W.size(1), ldw = W.stride(0);
+  const int64_t NT = (k + 15) / 16;
+  at::Tensor Vp;
+  uint16_t* vp = nullptr;
+  if (what & kY) {
+    Vp = at::empty({(n / 32) * NT * kParts * kTile}, at::kShort);
+    vp = reinterpret_cast<uint16_t*>(Vp.data_ptr<int16_t>());
+    pack_b(V, n, k, NT, vp);
+  }
+  const int64_t chunks = m / 32;
+  const int64_t by_memory = (what & kZ) ? std::max<int64_t>(1, m / (16 * 16 * NT)) : chunks;
+  const int64_t tasks = std::max<int64_t>(1, std::min({int64_t(at::get_num_threads()), chunks, by_memory}));
+  at::Tensor Zt;
+  float* zt = nullptr;
+  if (what & kZ) {
+    Zt = at::zeros({tasks, NT * 16, n}, at::kFloat);
+    zt = Zt.data_ptr<float>();
+  }
+  const auto* w = reinterpret_cast<const uint16_t*>(W.data_ptr<at::BFloat16>());
+  at::parallel_for(0, tasks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t)
+      sweep_rows(what, w, ldw, n, k, chunks * t / tasks * 32, chunks * (t + 1) / tasks * 32, vp, NT, Y,
+                 zt ? zt + t * NT * 16 * n : nullptr);
+  });
+  if (!(what & kZ)) return;
+  // Z[c][col] = the partials' sum, in task order.
+  at::parallel_for(0, n, 256, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c)
+      for (int64_t col = 0; col < k; ++col) {
+        float acc = 0;
+        for (int64_t t = 0; t < tasks; ++t) acc += zt[(t * NT * 16 + col) * n + c];
+        Z[c * k + col] = acc;
+      }
+  });
+}
+
 #endif  // PF_HAVE_AMX
 
 }  // namespace
 
 bool takes(const at::Tensor& W) { return takes_bf16(W, 32); }
 
-void gram(const at::Tensor& W, const at::Tensor& V, at::Tensor Y, at::Tensor Z) {
-#ifdef PF_HAVE_AMX
-  const int64_t m = W.size(0), n = W.size(1), k = V.size(1), ldw = W.stride(0);
-  const int64_t NT = (k + 15) / 16;
-  auto Vp = at::empty({(n / 32) * NT * kParts * kTile}, at::kShort);
-  auto* vp = reinterpret_cast<uint16_t*>(Vp.data_ptr<int16_t>());
-  pack_b(V.data_ptr<float>(), n, k, NT, vp);
-  // Row ranges of whole 32-row chunks, one per task, each with a Z^T partial of 64 NT n bytes; the
-  // partials together stay within 1/8 of W's bytes (and within the threads).
-  const int64_t chunks = m / 32;
-  const int64_t by_memory = std::max<int64_t>(1, m / (16 * 16 * NT));
-  const int64_t tasks = std::max<int64_t>(1, std::min({int64_t(at::get_num_threads()), chunks, by_memory}));
-  auto Zt = at::zeros({tasks, NT * 16, n}, at::kFloat);
-  const auto* w = reinterpret_cast<const uint16_t*>(W.data_ptr<at::BFloat16>());
-  float* y = Y.data_ptr<float>();
-  float* zt = Zt.data_ptr<float>();
-  at::parallel_for(0, tasks, 1, [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t)
-      gram_rows(w, ldw, n, k, chunks * t / tasks * 32, chunks * (t + 1) / tasks * 32, vp, NT, y,
-                zt + t * NT * 16 * n);
-  });
-  // Z[c][col] = the partials' sum, in task order.
-  float* z = Z.data_ptr<float>();
-  at::parallel_for(0, n, 256, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c)
-      for (int64_t col = 0; col < k; ++col) {
-        float acc = 0;
-        for (int64_t t = 0; t < tasks; ++t) acc += zt[(t * NT * 16 + col) * n + c];
-        z[c * k + col] = acc;
-      }
-  });
-#else
-  TORCH_CHECK(false, "pissa_fast: the AMX gram pass is not built for this platform");
+#ifndef PF_HAVE_AMX
+[[noreturn]] static void not_built() { TORCH_CHECK(false, "pissa_fast: the AMX passes are not built for this platform"); }
 #endif
+
+#ifdef PF_HAVE_AMX
+void gram(const at::Tensor& W, const at::Tensor& V, at::Tensor Y, at::Tensor Z) {
+  sweep(kYZ, W, V.data_ptr<float>(), Y.data_ptr<float>(), Z.data_ptr<float>(), V.size(1));
 }
+
+void wx(const at::Tensor& W, const at::Tensor& X, at::Tensor Y) {
+  sweep(kY, W, X.data_ptr<float>(), Y.data_ptr<float>(), nullptr, X.size(1));
+}
+
+void wtx(const at::Tensor& W, const at::Tensor& Y, at::Tensor Z) {
+  // Y is only read (sweep_rows writes Y only with kY).
+  sweep(kZ, W, nullptr, const_cast<float*>(Y.data_ptr<float>()), Z.data_ptr<float>(), Y.size(1));
+}
+#else
+void gram(const at::Tensor&, const at::Tensor&, at::Tensor, at::Tensor) { not_built(); }
+void wx(const at::Tensor&, const at::Tensor&, at::Tensor) { not_built(); }
+void wtx(const at::Tensor&, const at::Tensor&, at::Tensor) { not_built(); }
+#endif
 
 }  // namespace cpu_amx
 }  // namespace pissa_fast

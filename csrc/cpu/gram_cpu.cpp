@@ -7,7 +7,7 @@
 // measured slower than this on the project's 2-core machines: 38 vs 23 ms for a 4096^2 bf16 pass,
 // 99 vs 59 ms for 11008 x 4096, since its V and Z traffic per row group spilled out of L2.)
 // Bitwise reproducible for a given thread count. A bf16 weight takes the AMX tiles instead where the
-// CPU has them (gram_amx.cpp).
+// CPU has them (gram_amx.cpp), in all three ops.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -56,6 +56,10 @@ at::Tensor wx_cpu(at::TensorList W, const at::Tensor& X) {
   auto Y = at::empty({b, m, k}, X.options());
   for (int64_t j = 0; j < b; ++j) {
     auto Xj = X[j], Yj = Y[j];
+    if (cpu_amx::takes(W[j]) && X.scalar_type() == at::kFloat) {  // bf16 on AMX tiles (gram_amx.h)
+      cpu_amx::wx(W[j], Xj.contiguous(), Yj);
+      continue;
+    }
     for_each_block(W[j], [&](const at::Tensor& blk, int64_t i) {
       auto Yb = Yj.narrow(0, i, blk.size(0));
       at::mm_out(Yb, blk, Xj);
@@ -82,6 +86,10 @@ at::Tensor wtx_cpu(at::TensorList W, const at::Tensor& Y) {
   auto Z = at::empty({b, n, k}, Y.options());
   for (int64_t j = 0; j < b; ++j) {
     auto Yj = Y[j];
+    if (cpu_amx::takes(W[j]) && Y.scalar_type() == at::kFloat) {
+      cpu_amx::wtx(W[j], Yj.contiguous(), Z[j]);
+      continue;
+    }
     accumulate_wt(W[j], Z[j], [&](const at::Tensor& blk, int64_t i) {
       return Yj.narrow(0, i, blk.size(0));
     });
@@ -96,8 +104,8 @@ std::tuple<at::Tensor, at::Tensor> gram_cpu(at::TensorList W, const at::Tensor& 
   auto Z = at::empty({b, n, k}, V.options());
   for (int64_t j = 0; j < b; ++j) {
     auto Vj = V[j], Yj = Y[j];
-    if (cpu_amx::takes(W[j]) && V.scalar_type() == at::kFloat) {  // bf16 on AMX tiles (gram_amx.h)
-      cpu_amx::gram(W[j], Vj, Yj, Z[j]);
+    if (cpu_amx::takes(W[j]) && V.scalar_type() == at::kFloat) {
+      cpu_amx::gram(W[j], Vj.contiguous(), Yj, Z[j]);
       continue;
     }
     accumulate_wt(W[j], Z[j], [&](const at::Tensor& blk, int64_t i) {
