@@ -82,7 +82,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> pissa_factors(at::TensorList 
   PF_CHECK((tol == 0 && like_svd_lowrank < 0) || method == "krylov" || method == "exact", op,
            "a stopping criterion (tol, like_svd_lowrank) needs method krylov, got '", method, "'");
   PF_CHECK(omega.dim() == 3, op, "omega must be 3-D [", b, ", ", n, ", l], got ", omega.sizes());
-  check_factor(op, "omega", omega, b, n, omega.size(2), w0);
+  // [b, m, l] puts the krylov/subspace basis on W's output side (range_finder.h).
+  const bool out_side = omega.size(1) == m && m != n && (method == "krylov" || method == "subspace");
+  check_factor(op, "omega", omega, b, out_side ? m : n, omega.size(2), w0);
   const int64_t l = omega.size(2);
   PF_CHECK(l >= rank, op, "omega must have at least rank = ", rank, " columns, got ", l);
 

@@ -45,7 +45,8 @@ TORCH_LIBRARY(pissa_fast, m) {
   m.def("residual(Tensor[] W, Tensor B, Tensor A) -> Tensor[]");
   // The PiSSA factors of every W[i]: A [b, r, n] = sqrt(S) V^T, B [b, m, r] = U sqrt(S), S [b, r].
   // method: "krylov" | "subspace" | "halko" | "exact"; normalizer: "qr" | "cholqr2".
-  // omega [b, n, l] is the random test matrix (l = r + oversampling), drawn by the caller.
+  // omega [b, n, l] is the random test matrix (l = r + oversampling), drawn by the caller; krylov and
+  // subspace also take [b, m, l] (m != n), which puts the basis on W's output side.
   // niter is a cap when a stopping criterion is given (krylov): a matrix stops at the first niter
   // whose estimated l1_rel error is <= tol (if tol > 0) and <= the error predicted for
   // torch.svd_lowrank(q = rank, niter = like_svd_lowrank) (if >= 0). niter_used [b] (int64; -1 for

@@ -172,6 +172,19 @@ Tensor pass_scale(at::TensorList W, const Tensor& Y, const Tensor& Z, bool* redo
   return scale.view({b, 1, 1});
 }
 
+// (W Q, W^T W Q) for the basis Q on W's input side; on its output side (transposed), (W^T Q, W W^T Q):
+// two reads of W, each as cheap as the fused one where the AMX passes run (gram_amx.cpp).
+std::tuple<Tensor, Tensor> passes(at::TensorList W, const Tensor& Q, bool transposed) {
+  if (!transposed) return call_gram(W, Q);
+  auto Y = call_wtx(W, Q);
+  return {Y, call_wx(W, Y)};
+}
+
+Factors oriented(Factors f, bool transposed) {
+  if (transposed) std::swap(f.U, f.V);
+  return f;
+}
+
 }  // namespace
 
 // A host vector of int64 as a tensor on `device`: one copy whatever its length (at::tensor(vector)
@@ -193,7 +206,10 @@ Factors fused_passes(at::TensorList W_all, const Tensor& omega, int64_t r, int64
   // error is about u64 ||Y||^2, i.e. sqrt(u64) ~ 1.5e-8 relative in sig; float32 passes add their
   // own 1e-7 relative error to Y, which 1/sig would amplify.
   const double keep_tol = acc == at::kDouble ? 1e-6 : 1e-3;
-  const int64_t b = omega.size(0), n = omega.size(1), l = omega.size(2), m = W_all[0].size(0);
+  // The basis lives on omega's side: n = W's columns, or its rows (transposed: then the passes are
+  // Y = W^T Q, Z = W Y, and the roles of U and V swap at the end).
+  const bool transposed = omega.size(1) != W_all[0].size(1);
+  const int64_t b = omega.size(0), n = omega.size(1), l = omega.size(2), m = W_all[0].size(transposed ? 1 : 0);
   const auto f64 = omega.options().dtype(at::kDouble);
   const bool stopping = krylov && stop.active() && niter >= 1;
   const bool estimating = krylov && (want_estimate || stopping) && niter >= 1;
@@ -216,11 +232,11 @@ Factors fused_passes(at::TensorList W_all, const Tensor& omega, int64_t r, int64
   // c: the per-matrix pass scale, undefined when every matrix is fine unscaled (the usual case).
   // Pass outputs in the passes' dtype, and in float64 divided by c where a scale was needed.
   auto run = [&](const Tensor& Qi, const Tensor& c) {
-    if (!c.defined()) return call_gram(W, Qi.to(acc));
-    auto [Yi, Zi] = call_gram(W, (Qi * c).to(acc));
+    if (!c.defined()) return passes(W, Qi.to(acc), transposed);
+    auto [Yi, Zi] = passes(W, (Qi * c).to(acc), transposed);
     return std::make_tuple(Yi.to(at::kDouble) / c, Zi.to(at::kDouble) / c);
   };
-  auto [Yd, Zd] = call_gram(W, Q.to(acc));
+  auto [Yd, Zd] = passes(W, Q.to(acc), transposed);
   bool redo = false;
   Tensor c = pass_scale(W, Yd, Zd, &redo);
   if (!redo) c = Tensor();
@@ -343,7 +359,7 @@ Factors fused_passes(at::TensorList W_all, const Tensor& omega, int64_t r, int64
     if (last) break;
     if (fin.empty()) continue;
     finish(fin, L, i);
-    if (rest.empty()) return out;
+    if (rest.empty()) return oriented(std::move(out), transposed);
     // Keep iterating on the others only.
     auto keep = host_index(rest, dev);
     std::vector<Tensor> Wk;
@@ -368,7 +384,7 @@ Factors fused_passes(at::TensorList W_all, const Tensor& omega, int64_t r, int64
   std::vector<int64_t> all(W.size());
   for (size_t j = 0; j < all.size(); ++j) all[j] = int64_t(j);
   finish(all, krylov ? l * (niter + 1) : l, niter);
-  return out;
+  return oriented(std::move(out), transposed);
 }
 
 // Top-r SVD of C [b, k, n] given as C = P^T W for an orthonormal P [b, m, k]: U = P Uc.

@@ -25,6 +25,8 @@ struct Stopping {
   bool active() const { return tol > 0.0 || like_svd_lowrank >= 0; }
 };
 
+// omega [b, n, l] puts the Krylov basis on W's input side; omega [b, m, l] (m != n) on its output side,
+// where the small steps are cheaper when m < n. The factors come back in W's orientation either way.
 Factors fused_passes(at::TensorList W, const at::Tensor& omega, int64_t r, int64_t niter, bool krylov,
                      const std::string& normalizer, const Stopping& stop, bool want_estimate);
 

@@ -166,6 +166,16 @@ def _layout(w):
     return w.contiguous(), False, True
 
 
+def _basis_side(mat, method) -> int:
+    """Rows of the test matrix: the side of W the Krylov basis lives on. The smaller one on the CPU:
+    the small dense steps scale with the basis side, and there the passes cost the same either way
+    (the AMX wx + wtx read W twice at the fused gram's cost, csrc/cpu/gram_amx.cpp; a 256 x 2048 weight
+    spent most of its time orthonormalizing 2048-long vectors). Elsewhere the input side, as before:
+    no GPU has measured the other."""
+    m, n = mat.shape
+    return m if method == "krylov" and mat.device.type == "cpu" and m < n else n
+
+
 def _draw(gen, n, l, dtype, device):
     return torch.randn(n, l, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
 
@@ -312,7 +322,7 @@ def decompose_many(weights: Mapping[Any, torch.Tensor] | Sequence[torch.Tensor],
     plans = []
     for idx, (key, w) in enumerate(items):
         mat, transposed, copied = _layout(w)
-        n = mat.shape[1]
+        n = _basis_side(mat, meth)
         l = min(r + p, n)
         own = seed[key] if isinstance(seed, Mapping) else seed
         gen = generator if generator is not None else torch.Generator().manual_seed(int(own))
