@@ -69,7 +69,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> pissa_factors(at::TensorList 
   // Declared first, so it runs last: after every temporary of the call is freed (switched on below,
   // once the arguments are checked).
   ReleaseFreeHeap trim(false);
-  SmallStepsOnOneThread one_thread(w0.device().is_cpu() && !pass_wants_threads(W));
+  SmallStepsOnOneThread one_thread(w0.device().is_cpu() &&
+                                   !small_steps_want_threads(W, omega.dim() == 3 ? omega.size(2) : 0));
   PF_CHECK(k > 0, op, "W must be non-empty, got shape ", w0.sizes());
   PF_CHECK(rank >= 1 && rank <= k, op, "rank must be in [1, min(m, n) = ", k, "], got ", rank);
   PF_CHECK(niter >= 0, op, "niter must be >= 0, got ", niter);

@@ -11,6 +11,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <strings.h>
 #include <limits>
 
 namespace pissa_fast {
@@ -47,6 +48,14 @@ AllThreads::~AllThreads() {
 }
 
 bool pass_wants_threads(at::TensorList W) { return !W.empty() && W[0].numel() >= (int64_t(1) << 20); }
+
+bool small_steps_want_threads(at::TensorList W, int64_t l) {
+  static const bool passive = [] {
+    const char* v = std::getenv("OMP_WAIT_POLICY");
+    return v != nullptr && strcasecmp(v, "passive") == 0;
+  }();
+  return l >= 64 && !passive && pass_wants_threads(W);
+}
 
 ReleaseFreeHeap::~ReleaseFreeHeap() {
 #if defined(__GLIBC__)

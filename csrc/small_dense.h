@@ -12,12 +12,12 @@
 
 namespace pissa_fast {
 
-// On CPU the small dense steps of a small weight (tens of ATen calls on n x l and L x L tensors) are
-// latency-bound: each parallel region costs a barrier over all threads, which costs more than the
-// work. There they run on one thread, and the passes over W get every thread back while they run.
-// The small steps of a weight big enough for its passes to want threads (pass_wants_threads) keep
-// every thread: their float64 GEMMs (O((m + n) L l) per step) then gain from it (2048^2 to 4096^2,
-// r 4 to 64, on the project's 2-core machine: as fast or faster in every case tried, most at r 64).
+// On CPU the small dense steps (tens of ATen calls on n x l and L x L tensors per pass) run on one
+// thread, and the passes over W get every thread back while they run (AllThreads). Each parallel
+// region of a small step costs a barrier over all threads, and with OMP_WAIT_POLICY=PASSIVE a wake-up
+// of each sleeping thread: more than most of these operations gain. Only the wide blocks (l >= 64) of
+// a big weight keep the threads, and only while they spin (not under PASSIVE): there the float64
+// GEMMs are large enough. Measurements: benchmarks/RESULTS.md, "Small steps and threads".
 struct SmallStepsOnOneThread {
   explicit SmallStepsOnOneThread(bool cpu);
   ~SmallStepsOnOneThread();
@@ -36,6 +36,9 @@ struct AllThreads {
 // waking the second thread for each parallel region cost more than it saved (576 x 576 bf16, r 16,
 // niter 4: 6.3-6.5 ms per decompose on 1 thread, 8.2-9.5 ms on 2; benchmarks/RESULTS.md).
 bool pass_wants_threads(at::TensorList W);
+
+// Whether the small steps of W with blocks of l columns keep every thread (see SmallStepsOnOneThread).
+bool small_steps_want_threads(at::TensorList W, int64_t l);
 
 // Hands the free pages of the C heap back to the system when it goes out of scope (glibc's
 // malloc_trim; a no-op elsewhere or when `on` is false). glibc serves allocations below its dynamic
