@@ -167,13 +167,18 @@ def _layout(w):
 
 
 def _basis_side(mat, method) -> int:
-    """Rows of the test matrix: the side of W the Krylov basis lives on. The smaller one on the CPU:
-    the small dense steps scale with the basis side, and there the passes cost the same either way
-    (the AMX wx + wtx read W twice at the fused gram's cost, csrc/cpu/gram_amx.cpp; a 256 x 2048 weight
-    spent most of its time orthonormalizing 2048-long vectors). Elsewhere the input side, as before:
-    no GPU has measured the other."""
+    """Rows of the test matrix: the side of W the Krylov basis lives on. The small dense steps scale
+    with the basis side (a 256 x 2048 weight spent most of its time orthonormalizing 2048-long
+    vectors), but the output side needs two reads of W per pass (wtx, then wx) instead of the fused
+    gram's one. On the CPU that costs nothing where the AMX passes take W (wx + wtx cost what gram
+    does, csrc/cpu/gram_amx.cpp; the same conditions as takes_bf16 there) and little on small weights
+    (under 2^20 elements), so those keep the basis on the smaller side. Elsewhere the input side, as
+    before: the float32 passes would read W twice, and no GPU has measured the other."""
     m, n = mat.shape
-    return m if method == "krylov" and mat.device.type == "cpu" and m < n else n
+    if method != "krylov" or mat.device.type != "cpu" or m >= n:
+        return n
+    amx = mat.dtype == torch.bfloat16 and m % 32 == 0 and n % 32 == 0 and bool(ops._cpu_amx(-1))
+    return m if amx or mat.numel() < (1 << 20) else n
 
 
 def _draw(gen, n, l, dtype, device):

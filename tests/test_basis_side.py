@@ -54,6 +54,13 @@ def test_decompose_puts_the_basis_on_the_smaller_side(monkeypatch):
     pf.decompose(tall, 4, 3)
     pf.decompose(wide, 4, 3, method="halko")  # torch.svd_lowrank's algorithm keeps its own layout
     assert rows == [48, 48, 96]
+    # a big weight the float32 passes would read twice per pass on the output side: input side
+    big = torch.randn(512, 2048)
+    pf.decompose(big, 4, 1)
+    assert rows[-1] == 2048
+    # the same shape in bf16 on the AMX passes: wx + wtx cost what gram does, so the smaller side
+    pf.decompose(big.bfloat16(), 4, 1)
+    assert rows[-1] == (512 if pf.cpu_passes() == "amx" else 2048)
 
 
 @pytest.mark.parametrize("like", [-1, 4])
