@@ -17,7 +17,7 @@ def factors(W, omega, r, niter, method="krylov", **kw):
                              args["estimate"])
 
 
-@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_output_side_matches_float64_svd(wdtype):
     dtype = wdtype
     m, n, r = 80, 96, 6
@@ -32,7 +32,8 @@ def test_output_side_matches_float64_svd(wdtype):
     A_ref, B_ref = root[:, None] * Vh[:r], U[:, :r] * root
     sign = torch.sign((B[0].double() * B_ref).sum(0))
     gap = float(S[r - 1] - S[r])
-    tol = 20 * acc_eps(dtype) * math.sqrt(n) * float(S[0]) / gap * math.sqrt(float(S[0]))
+    # test_core's bound for krylov: the Rayleigh-Ritz step's Gram matrices add a factor s_1 / gap
+    tol = 20 * acc_eps(dtype) * math.sqrt(n) * (float(S[0]) / gap) ** 2 * math.sqrt(float(S[0]))
     assert A.shape == (1, r, n) and B.shape == (1, m, r)
     assert (A[0].double() * sign[:, None] - A_ref).abs().max() <= tol
     assert (B[0].double() * sign - B_ref).abs().max() <= tol
