@@ -12,6 +12,7 @@ import torch
 from ._ops import ops
 from .memory import prepare_inplace
 from .options import WEIGHT_DTYPES
+from .passes import cpu_passes
 
 METHODS = ("krylov", "subspace", "halko", "exact")
 # With tol, the true l1_rel error is at most ESTIMATE_SLACK * tol: the estimate measured at or above
@@ -177,7 +178,7 @@ def _basis_side(mat, method) -> int:
     m, n = mat.shape
     if method != "krylov" or mat.device.type != "cpu" or m >= n:
         return n
-    amx = mat.dtype == torch.bfloat16 and m % 32 == 0 and n % 32 == 0 and bool(ops._cpu_amx(-1))
+    amx = mat.dtype == torch.bfloat16 and m % 32 == 0 and n % 32 == 0 and cpu_passes() == "amx"
     return m if amx or mat.numel() < (1 << 20) else n
 
 
@@ -305,7 +306,7 @@ def decompose_many(weights: Mapping[Any, torch.Tensor] | Sequence[torch.Tensor],
         return {} if is_map else []
     for key, w in items:
         _check_weight(None if _single else key, w, r, inplace)
-    weight_seeds([key for key, _ in items], seed, _single)
+    own_seeds = weight_seeds([key for key, _ in items], seed, _single)  # None: one seed for all
     if inplace:  # views of one storage are fine (a fused qkv's slices) as long as they are disjoint
         spans = []
         for key, w in items:
@@ -329,7 +330,7 @@ def decompose_many(weights: Mapping[Any, torch.Tensor] | Sequence[torch.Tensor],
         mat, transposed, copied = _layout(w)
         n = _basis_side(mat, meth)
         l = min(r + p, n)
-        own = seed[key] if isinstance(seed, Mapping) else seed
+        own = seed if own_seeds is None else own_seeds[idx]
         gen = generator if generator is not None else torch.Generator().manual_seed(int(own))
         acc = torch.float64 if w.dtype == torch.float64 else torch.float32
         omega = _draw(gen, n, l, acc, w.device)
