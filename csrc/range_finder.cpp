@@ -322,7 +322,7 @@ Factors fused_passes(at::TensorList W_all, const Tensor& omega, int64_t r, int64
       auto Zprev = Zall.narrow(-1, (krylov ? i - 1 : 0) * l, l);
       // The first projection's coefficients Q_{<i}^T Z_{i-1} = Q_{<i}^T W^T W Q_{i-1} = Y_{<i}^T Y_{i-1}:
       // the last block column of Y^T Y, computed by store() already.
-      Tensor Qn = krylov ? orthonormalize_against(Zprev.to(at::kDouble), Qall.narrow(-1, 0, i * l), normalizer,
+      Tensor Qn = krylov ? orthonormalize_against(Zprev, Qall.narrow(-1, 0, i * l), normalizer,
                                                   YY.narrow(1, 0, i * l).narrow(2, (i - 1) * l, l))
                          : orthonormalize(Zprev.to(at::kDouble), normalizer);
       auto [Yi, Zi] = run(Qn, c);

@@ -98,17 +98,30 @@ namespace {
 // Yamamoto, Yanagisawa 2020), which makes the Cholesky succeed and leaves Q with condition number
 // about u^-1/2, so two more plain sweeps make it orthonormal. One host sync per sweep, for the whole
 // group. Returns (Q, whether any matrix needed the shift).
-std::pair<Tensor, bool> cholqr_sweep(const Tensor& X) {
+// With ill_below > 0, also *ill: whether some matrix has a Cholesky factor whose smallest diagonal
+// entry is below ill_below times its largest (then X's condition number is at least 1 / ill_below),
+// or failed; in the same host sync.
+std::pair<Tensor, bool> cholqr_sweep(const Tensor& X, double ill_below = 0, bool* ill = nullptr) {
   auto G = at::bmm(X.mT(), X);
   auto [L, info] = at::linalg_cholesky_ex(G);
-  const bool failed = info.any().item<bool>();
+  bool failed;
+  if (ill != nullptr) {
+    auto d = L.diagonal(0, -2, -1);
+    auto bad = info.ne(0) | (std::get<0>(d.min(-1)) < std::get<0>(d.max(-1)) * ill_below);
+    const int flags = (info.ne(0).any().to(at::kInt) + 2 * bad.any().to(at::kInt)).item<int>();
+    failed = flags & 1;
+    *ill = flags & 2;
+  } else {
+    failed = info.any().item<bool>();
+  }
   if (failed) {
     const int64_t n = X.size(-2), k = X.size(-1);
-    const double u = std::numeric_limits<double>::epsilon() / 2;
+    const bool f64 = X.scalar_type() == at::kDouble;
+    const double u = f64 ? std::numeric_limits<double>::epsilon() / 2 : std::numeric_limits<float>::epsilon() / 2;
     const double c = 11.0 * double(n * k + k * (k + 1)) * u;
     auto fro2 = G.diagonal(0, -2, -1).sum(-1);  // ||X||_F^2 per matrix
     // The floor makes an all-zero block well defined: G + s I = s I, Q = X / sqrt(s) = 0.
-    auto shift = at::where(info.ne(0), (fro2 * c).clamp_min(1e-280), at::zeros_like(fro2));
+    auto shift = at::where(info.ne(0), (fro2 * c).clamp_min(f64 ? 1e-280 : 1e-30), at::zeros_like(fro2));
     auto eye = at::eye(k, G.options());
     G = G + eye * shift.view({-1, 1, 1});
     L = std::get<0>(at::linalg_cholesky_ex(G));
@@ -219,17 +232,38 @@ Tensor nn_f64(const Tensor& A, const Tensor& C) { return nn_rows(nullptr, A, C);
 
 Tensor minus_nn_f64(const Tensor& Y, const Tensor& A, const Tensor& C) { return nn_rows(&Y, A, C); }
 
+// Smallest Cholesky diagonal, relative to the largest, that the float32 path accepts: a condition
+// number of X below about 1e3, where float32 CholeskyQR leaves an orthogonality error of u32 k^2 ~ 6e-2,
+// which the second sweep removes.
+constexpr double kFloat32IllBelow = 1.0 / 1024;
+
 Tensor orthonormalize_against(const Tensor& X, const Tensor& Qprev, const std::string& normalizer,
                               const Tensor& coeffs) {
-  auto project = [&](const Tensor& Y) { return minus_nn_f64(Y, Qprev, tn_f64(Qprev, Y)); };
-  if (normalizer == "qr") return orthonormalize(project(orthonormalize(project(X), normalizer)), normalizer);
+  // In float32 (X and Qprev both float32) the products run as they are; in float64 Qprev is widened
+  // a chunk at a time.
+  const bool f32 = X.scalar_type() == at::kFloat;
+  TORCH_CHECK(!f32 || Qprev.scalar_type() == at::kFloat, "orthonormalize_against: float32 X needs a float32 Qprev");
+  auto tn = [&](const Tensor& Y) { return f32 ? at::bmm(Qprev.mT(), Y) : tn_f64(Qprev, Y); };
+  auto minus_nn = [&](const Tensor& Y, const Tensor& C) {
+    return f32 ? at::baddbmm(Y, Qprev, C, 1, -1) : minus_nn_f64(Y, Qprev, C);
+  };
+  auto project = [&](const Tensor& Y) { return minus_nn(Y, tn(Y)); };
+  if (normalizer == "qr") {  // the reference: in float64 throughout
+    if (f32) return orthonormalize_against(X.to(at::kDouble), Qprev, normalizer, coeffs);
+    return orthonormalize(project(orthonormalize(project(X), normalizer)), normalizer);
+  }
   // Block Gram-Schmidt twice with one CholeskyQR sweep each (BCGS2): the second projection and
   // sweep are the reorthogonalization that CholeskyQR2's second sweep would be. A block the
   // projection nearly annihilated takes the shifted path, and one more sweep after it. Coefficients
   // known to rounding error may replace the first projection's: the second one removes what they
   // leave, as it removes the first Gram-Schmidt's own rounding.
-  auto first = coeffs.defined() ? minus_nn_f64(X, Qprev, coeffs) : project(X);
-  auto [Q, shifted] = cholqr_sweep(first);
+  auto first = coeffs.defined() ? minus_nn(X, coeffs.to(X.scalar_type())) : project(X);
+  // float32 CholeskyQR2 makes a basis orthonormal to float32's rounding only while the block's
+  // condition number stays below about u32^-1/2 (4e3). A block that the projection left nearly
+  // rank-deficient (W's rank reached, or converged directions) is redone in float64.
+  bool ill = false;
+  auto [Q, shifted] = cholqr_sweep(first, f32 ? kFloat32IllBelow : 0.0, f32 ? &ill : nullptr);
+  if (ill) return orthonormalize_against(X.to(at::kDouble), Qprev, normalizer, coeffs);
   if (shifted) Q = cholqr_sweep(Q).first;
   auto [Q2, shifted2] = cholqr_sweep(project(Q));
   if (shifted2) Q2 = cholqr_sweep(Q2).first;
