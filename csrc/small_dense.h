@@ -64,8 +64,10 @@ at::Tensor call_wtx(at::TensorList W, const at::Tensor& Y);
 // reference; it factorizes the tall block itself.
 at::Tensor orthonormalize(const at::Tensor& X, const std::string& normalizer);
 
-// X's columns made orthonormal against the orthonormal Qprev (block Gram-Schmidt, twice). Qprev may
-// be stored in float32 (it is widened a row chunk at a time); X and the result are float64. coeffs,
+// X's columns made orthonormal against the orthonormal Qprev (block Gram-Schmidt, twice). X float64:
+// Qprev may be stored in float32 (it is widened a row chunk at a time), the result is float64. X and
+// Qprev float32: the work is float32 and so is the result, except for a block too ill-conditioned
+// for float32 CholeskyQR2, which is redone in float64 (a float64 result). coeffs,
 // where defined, is Qprev^T X to within rounding error, known by other means: cholqr2 then skips
 // computing it for the first projection.
 at::Tensor orthonormalize_against(const at::Tensor& X, const at::Tensor& Qprev, const std::string& normalizer,
