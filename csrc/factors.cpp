@@ -13,9 +13,11 @@
 //   halko    torch.svd_lowrank's algorithm on the unfused wx/wtx passes (2 niter + 2 reads), with
 //            oversampling: the reference the others are measured against.
 //   exact    torch.linalg.svd of each weight (float32, float64 for float64 weights).
-// The small dense steps (orthonormalization, Gram matrices, small eigenproblems) run in float64:
-// they cost O((m + n) l^2), little next to a pass over W, and keep the float32 passes the only
-// source of rounding error. They are batched over the group (small_dense.h): the number of ATen
+// The Gram matrices and small eigenproblems of the small dense steps run in float64, and so does the
+// orthonormalization of a float64 basis. A block Krylov basis that the passes see in float32 (every
+// weight but a float64 one) is orthonormalized in float32: the Rayleigh-Ritz step does not need its
+// orthonormality beyond what the passes see, and an ill-conditioned block is redone in float64
+// (small_dense.cpp). The small dense steps are batched over the group (small_dense.h): the number of ATen
 // calls and host syncs does not grow with the number of matrices, except on the exact path.
 #include <ATen/ATen.h>
 #include <torch/library.h>
