@@ -107,8 +107,9 @@ std::pair<Tensor, bool> cholqr_sweep(const Tensor& X, double ill_below = 0, bool
   bool failed;
   if (ill != nullptr) {
     auto d = L.diagonal(0, -2, -1);
-    auto bad = info.ne(0) | (std::get<0>(d.min(-1)) < std::get<0>(d.max(-1)) * ill_below);
-    const int flags = (info.ne(0).any().to(at::kInt) + 2 * bad.any().to(at::kInt)).item<int>();
+    auto fail = info.ne(0);
+    auto bad = fail | (std::get<0>(d.min(-1)) < std::get<0>(d.max(-1)) * ill_below);
+    const int flags = (fail.any().to(at::kInt) + 2 * bad.any().to(at::kInt)).item<int>();
     failed = flags & 1;
     *ill = flags & 2;
   } else {
