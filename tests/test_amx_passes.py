@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import pissa_fast as pf
+from pissa_fast._bounds import gamma
 
 ops = pf.ops
 amx = torch.ops.pissa_fast._cpu_amx
@@ -147,17 +148,22 @@ def test_residual_against_float64(m, n, r):
     amx(0)
     out0 = ops.residual(W, B, A)
     for w, b, a, o, i, o0 in zip(W, B, A, out, inplace, out0):
-        exact = w.double() - b.double() @ a.double()
+        wd, bd, ad = w.double(), b.double(), a.double()
+        exact = wd - bd @ ad
         # one rounding to bf16 (half an ulp, taken in the larger binade of the two: the result may
-        # round up to the next power of two) after float32 math (r u |B| |A| and u |W|)
+        # round up to the next power of two) after the split products' float32 sum (the CUDA
+        # residual's arithmetic: 3r products of bf16 parts, the dropped ones 3 u_p^2 |B| |A|)
         ulp = ulp_bf16(torch.maximum(exact.abs(), o.double().abs()))
-        bound = 0.5 * ulp + (r + 2) * U32 * (w.double().abs() + b.double().abs() @ a.double().abs())
-        assert bool(((o.double() - exact).abs() <= bound + 1e-30).all())
+        up = 2.0 ** -8
+        math_err = gamma(3 * r + 2, U32) * (1 + up) ** 2 * (bd.abs() @ ad.abs() + wd.abs()) \
+            + 3 * up ** 2 * (1 + up) ** 2 * (bd.abs() @ ad.abs())
+        assert bool(((o.double() - exact).abs() <= 0.5 * ulp + math_err + 1e-30).all())
         assert torch.equal(i, o)  # in place writes what the out-of-place op returns
         # and the float32 path agrees to a bf16 ulp of the larger of the two (ties may round either way)
-        # plus both paths' float32 errors (where W - B A cancels, they exceed the result's ulp)
+        # plus both paths' arithmetic errors (where W - B A cancels, they exceed the result's ulp)
+        f32_err = (r + 2) * U32 * (wd.abs() + bd.abs() @ ad.abs())
         ulp2 = ulp_bf16(torch.maximum(o.double().abs(), o0.double().abs()))
-        assert bool(((o.double() - o0.double()).abs() <= ulp2 * 1.01 + 2 * (bound - 0.5 * ulp) + 1e-30).all())
+        assert bool(((o.double() - o0.double()).abs() <= ulp2 * 1.01 + math_err + f32_err + 1e-30).all())
 
 
 def test_residual_other_shapes_take_the_float32_path():
