@@ -146,4 +146,8 @@ TORCH_LIBRARY_IMPL(pissa_fast, CompositeExplicitAutograd, m) {
   m.impl("pissa_factors", &pissa_factors);
 }
 
+TORCH_LIBRARY_IMPL(pissa_fast, CompositeImplicitAutograd, m) {
+  m.impl("_defer_heap_release", [](int64_t mode) { return defer_heap_release(mode); });
+}
+
 }  // namespace pissa_fast

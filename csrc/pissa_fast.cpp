@@ -73,6 +73,10 @@ TORCH_LIBRARY(pissa_fast, m) {
   // The bf16 gram pass on AMX tiles (csrc/cpu/gram_amx.h): mode 1 on where the CPU has it (the default
   // unless PISSA_FAST_CPU_AMX=0), 0 off, -1 query; returns whether it is on now.
   m.def("_cpu_amx(int mode=-1) -> bool");
+  // Brackets a batch of pissa_factors calls whose heap release (small_dense.h, ReleaseFreeHeap) waits
+  // for the batch's end: 1 opens, 0 closes (nested: the outermost close releases), -1 asks; returns
+  // the number of releases made so far.
+  m.def("_defer_heap_release(int mode=-1) -> int");
   // Test hooks: the row-block size and the code path of the CPU registration of the *_aten ops.
   m.def("_set_aten_cpu_config(int block_bytes, bool native) -> ()");
   m.def("_get_aten_cpu_config() -> (int, bool)");

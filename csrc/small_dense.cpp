@@ -11,6 +11,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <strings.h>
 #include <limits>
 
@@ -57,10 +58,52 @@ bool small_steps_want_threads(at::TensorList W, int64_t l) {
   return l >= 64 && !passive && pass_wants_threads(W);
 }
 
-ReleaseFreeHeap::~ReleaseFreeHeap() {
+namespace {
+std::mutex heap_mutex;
+int heap_defer_depth = 0;
+bool heap_release_pending = false;
+int64_t heap_releases = 0;
+
+void release_free_heap() {
+  {
+    std::lock_guard<std::mutex> lock(heap_mutex);
+    ++heap_releases;
+  }
 #if defined(__GLIBC__)
-  if (on) malloc_trim(0);
+  malloc_trim(0);
 #endif
+}
+}  // namespace
+
+ReleaseFreeHeap::~ReleaseFreeHeap() {
+  if (!on) return;
+  {
+    std::lock_guard<std::mutex> lock(heap_mutex);
+    if (heap_defer_depth > 0) {
+      heap_release_pending = true;
+      return;
+    }
+  }
+  release_free_heap();
+}
+
+int64_t defer_heap_release(int64_t mode) {
+  bool release = false;
+  {
+    std::lock_guard<std::mutex> lock(heap_mutex);
+    if (mode == 1) {
+      ++heap_defer_depth;
+    } else if (mode == 0) {
+      TORCH_CHECK(heap_defer_depth > 0, "_defer_heap_release(0) without a matching _defer_heap_release(1)");
+      release = --heap_defer_depth == 0 && heap_release_pending;
+      if (release) heap_release_pending = false;
+    } else {
+      TORCH_CHECK(mode == -1, "_defer_heap_release: mode must be 1 (open), 0 (close) or -1 (query), got ", mode);
+    }
+  }
+  if (release) release_free_heap();
+  std::lock_guard<std::mutex> lock(heap_mutex);
+  return heap_releases;
 }
 
 std::tuple<Tensor, Tensor> call_gram(at::TensorList W, const Tensor& V) {

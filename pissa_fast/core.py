@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ._ops import ops
+from ._heap import one_release
 from .memory import prepare_inplace
 from .options import WEIGHT_DTYPES
 from .passes import cpu_passes
@@ -346,56 +347,58 @@ def decompose_many(weights: Mapping[Any, torch.Tensor] | Sequence[torch.Tensor],
         budget = max_batch_bytes if max_batch_bytes is not None else _default_budget(device)
         chunks += _split_group(idxs, _batch_bytes(plans[idxs[0]]["mat"], l, nit, meth), budget)
 
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(plans), desc="pissa factors", unit="layer")
-    # Phase 1: every factor (reads only); a bad weight raises here with nothing written.
-    factors = {}
-    for chunk in chunks:
-        mats = [plans[i]["mat"] for i in chunk]
-        omega = torch.stack([plans[i]["omega"] for i in chunk])
-        try:
-            A, B, S, used, est = ops.pissa_factors(mats, omega, r, nit, meth, normalizer, float(tol or 0.0),
-                                                   -1 if like_svd_lowrank is None else int(like_svd_lowrank),
-                                                   bool(estimate))
-        except ValueError as e:
-            msg = str(e)
+    # One heap release for the whole batch: each weight reuses the pages the previous one freed (_heap.py).
+    with one_release():
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=len(plans), desc="pissa factors", unit="layer")
+        # Phase 1: every factor (reads only); a bad weight raises here with nothing written.
+        factors = {}
+        for chunk in chunks:
+            mats = [plans[i]["mat"] for i in chunk]
+            omega = torch.stack([plans[i]["omega"] for i in chunk])
+            try:
+                A, B, S, used, est = ops.pissa_factors(mats, omega, r, nit, meth, normalizer, float(tol or 0.0),
+                                                       -1 if like_svd_lowrank is None else int(like_svd_lowrank),
+                                                       bool(estimate))
+            except ValueError as e:
+                msg = str(e)
+                for j, i in enumerate(chunk):
+                    msg = msg.replace(f"W[{j}]", _name(None if _single else plans[i]["key"]))
+                raise ValueError(msg.splitlines()[0]) from None
+            used, est = used.tolist(), est.tolist()  # one transfer per chunk
             for j, i in enumerate(chunk):
-                msg = msg.replace(f"W[{j}]", _name(None if _single else plans[i]["key"]))
-            raise ValueError(msg.splitlines()[0]) from None
-        used, est = used.tolist(), est.tolist()  # one transfer per chunk
-        for j, i in enumerate(chunk):
-            factors[i] = (A[j], B[j], S[j], None if used[j] < 0 else used[j], math.nan if est[j] < 0 else est[j])
+                factors[i] = (A[j], B[j], S[j], None if used[j] < 0 else used[j], math.nan if est[j] < 0 else est[j])
+            if bar is not None:
+                bar.update(len(chunk))
         if bar is not None:
-            bar.update(len(chunk))
-    if bar is not None:
-        bar.close()
+            bar.close()
 
-    # Phase 2: residuals, W - B A in W's dtype, one op call per chunk.
-    results = [None] * len(plans)
-    for chunk in chunks:
-        mats = [plans[i]["mat"] for i in chunk]
-        A = torch.stack([factors[i][0] for i in chunk])
-        B = torch.stack([factors[i][1] for i in chunk])
-        if inplace:
-            ops.residual_(mats, B, A)
-            res = mats
-        else:
-            res = ops.residual(mats, B, A)
-        for j, i in enumerate(chunk):
-            pl = plans[i]
-            a, b, s, used_i, est_i = factors[i]
-            rj = res[j]
-            if pl["transposed"]:  # W^T = B' A'  =>  W = A'^T B'^T
-                a, b, rj = b.t().contiguous(), a.t().contiguous(), rj.t()
-            if inplace and pl["copied"]:
-                pl["w"].copy_(rj)
-                rj = pl["w"]
-            elif inplace and not pl["transposed"]:
-                rj = pl["w"]
-            results[i] = Decomposition(A=a, B=b, S=s, residual=rj, method=meth, niter=niter, niter_used=used_i,
-                                       estimate=est_i)
+        # Phase 2: residuals, W - B A in W's dtype, one op call per chunk.
+        results = [None] * len(plans)
+        for chunk in chunks:
+            mats = [plans[i]["mat"] for i in chunk]
+            A = torch.stack([factors[i][0] for i in chunk])
+            B = torch.stack([factors[i][1] for i in chunk])
+            if inplace:
+                ops.residual_(mats, B, A)
+                res = mats
+            else:
+                res = ops.residual(mats, B, A)
+            for j, i in enumerate(chunk):
+                pl = plans[i]
+                a, b, s, used_i, est_i = factors[i]
+                rj = res[j]
+                if pl["transposed"]:  # W^T = B' A'  =>  W = A'^T B'^T
+                    a, b, rj = b.t().contiguous(), a.t().contiguous(), rj.t()
+                if inplace and pl["copied"]:
+                    pl["w"].copy_(rj)
+                    rj = pl["w"]
+                elif inplace and not pl["transposed"]:
+                    rj = pl["w"]
+                results[i] = Decomposition(A=a, B=b, S=s, residual=rj, method=meth, niter=niter, niter_used=used_i,
+                                           estimate=est_i)
     if is_map:
         return {pl["key"]: res for pl, res in zip(plans, results)}
     return results

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import memory
+from .._heap import one_release
 from ..distributed.shards import full_shape, is_dtensor, is_sharded, is_zero3, local_tensor
 from ..memory import span
 from ..options import PEFT_PISSA_DTYPES, progress_enabled
@@ -225,7 +226,8 @@ def initialize(pending: list[Pending], seed: int, *, progress: bool | None = Non
     # by pissa_fast.distributed: neither is a file mapping to populate here
     local = [p for p in pending if not is_sharded(p.layer.get_base_layer().weight)]
     try:
-        with memory.prepared([_matrix(p) for p in local], [label(p) for p in local]):
+        # one heap release for the whole injection, not one per decompose_many call (_heap.py)
+        with memory.prepared([_matrix(p) for p in local], [label(p) for p in local]), one_release():
             _run(pending, seed, gather, bar)
     finally:
         if bar is not None:
