@@ -285,8 +285,9 @@ Factors fused_passes(at::TensorList W_all, const Tensor& omega, int64_t r, int64
     // New block row and column of the Gram matrices (symmetric), in float64 from the exact widening
     // of the stored blocks.
     const int64_t L = (blk + 1) * l;
-    auto yy = tn_f64(Yall.narrow(-1, 0, L), Yi.to(at::kDouble));  // [b, L, l]
-    auto zz = tn_f64(Zall.narrow(-1, 0, L), Zi.to(at::kDouble));
+    // (the new block is the last l columns of the stored ones: widened with them, not separately)
+    auto yy = tn_last_f64(Yall.narrow(-1, 0, L), l);  // [b, L, l]
+    auto zz = tn_last_f64(Zall.narrow(-1, 0, L), l);
     YY.narrow(1, 0, L).narrow(2, blk * l, l).copy_(yy);
     YY.narrow(1, blk * l, l).narrow(2, 0, L).copy_(yy.mT());
     ZZ.narrow(1, 0, L).narrow(2, blk * l, l).copy_(zz);

@@ -87,6 +87,8 @@ at::Tensor orthonormalize_against(const at::Tensor& X, const at::Tensor& Qprev, 
 // row chunk (about 1 MiB of float64) at a time: a float32-stored Krylov block never has a full
 // float64 copy. A float64 A, or one whose float64 copy fits in a chunk, takes one call.
 at::Tensor tn_f64(const at::Tensor& A, const at::Tensor& B);  // A^T B, B [b, n, k] float64
+// A^T A[.., L - l:] for A [b, n, L]: a Gram matrix's new block column, A widened a chunk at a time.
+at::Tensor tn_last_f64(const at::Tensor& A, int64_t l);
 at::Tensor nn_f64(const at::Tensor& A, const at::Tensor& C);  // A C, C [b, L, k] float64
 at::Tensor minus_nn_f64(const at::Tensor& Y, const at::Tensor& A, const at::Tensor& C);  // Y - A C
 
