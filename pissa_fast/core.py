@@ -11,7 +11,7 @@ import torch
 
 from ._ops import ops
 from ._heap import one_release
-from .memory import prepare_inplace
+from .memory import start_populate
 from .options import WEIGHT_DTYPES
 from .passes import cpu_passes
 
@@ -308,6 +308,7 @@ def decompose_many(weights: Mapping[Any, torch.Tensor] | Sequence[torch.Tensor],
     for key, w in items:
         _check_weight(None if _single else key, w, r, inplace)
     own_seeds = weight_seeds([key for key, _ in items], seed, _single)  # None: one seed for all
+    populating = None
     if inplace:  # views of one storage are fine (a fused qkv's slices) as long as they are disjoint
         spans = []
         for key, w in items:
@@ -318,8 +319,9 @@ def decompose_many(weights: Mapping[Any, torch.Tensor] | Sequence[torch.Tensor],
         for a, b in zip(spans, spans[1:]):
             if a[0] == b[0] and b[1] < a[2]:
                 raise ValueError(f"inplace=True: {_name(b[3])} overlaps {_name(a[3])} in memory")
-        # --- pissa_fast.memory (peft backend, i9): file-backed weights populated before the passes ---
-        prepare_inplace([w for _, w in items], [_name(None if _single else key) for key, _ in items])
+        # --- pissa_fast.memory (peft backend, i9): file-backed weights populated beside the factors ---
+        populating = start_populate([w for _, w in items],
+                                    [_name(None if _single else key) for key, _ in items])
 
     meth = "exact" if niter is None else (method or "krylov")
     nit = 0 if niter is None else int(niter)
@@ -353,28 +355,31 @@ def decompose_many(weights: Mapping[Any, torch.Tensor] | Sequence[torch.Tensor],
         if progress:
             from tqdm.auto import tqdm
             bar = tqdm(total=len(plans), desc="pissa factors", unit="layer")
-        # Phase 1: every factor (reads only); a bad weight raises here with nothing written.
-        factors = {}
-        for chunk in chunks:
-            mats = [plans[i]["mat"] for i in chunk]
-            omega = torch.stack([plans[i]["omega"] for i in chunk])
-            try:
-                A, B, S, used, est = ops.pissa_factors(mats, omega, r, nit, meth, normalizer, float(tol or 0.0),
-                                                       -1 if like_svd_lowrank is None else int(like_svd_lowrank),
-                                                       bool(estimate))
-            except ValueError as e:
-                msg = str(e)
+        try:
+            # Phase 1: every factor (reads only); a bad weight raises here with nothing written.
+            factors = {}
+            for chunk in chunks:
+                mats = [plans[i]["mat"] for i in chunk]
+                omega = torch.stack([plans[i]["omega"] for i in chunk])
+                try:
+                    A, B, S, used, est = ops.pissa_factors(mats, omega, r, nit, meth, normalizer, float(tol or 0.0),
+                                                           -1 if like_svd_lowrank is None else int(like_svd_lowrank),
+                                                           bool(estimate))
+                except ValueError as e:
+                    msg = str(e)
+                    for j, i in enumerate(chunk):
+                        msg = msg.replace(f"W[{j}]", _name(None if _single else plans[i]["key"]))
+                    raise ValueError(msg.splitlines()[0]) from None
+                used, est = used.tolist(), est.tolist()  # one transfer per chunk
                 for j, i in enumerate(chunk):
-                    msg = msg.replace(f"W[{j}]", _name(None if _single else plans[i]["key"]))
-                raise ValueError(msg.splitlines()[0]) from None
-            used, est = used.tolist(), est.tolist()  # one transfer per chunk
-            for j, i in enumerate(chunk):
-                factors[i] = (A[j], B[j], S[j], None if used[j] < 0 else used[j], math.nan if est[j] < 0 else est[j])
+                    factors[i] = (A[j], B[j], S[j], None if used[j] < 0 else used[j], math.nan if est[j] < 0 else est[j])
+                if bar is not None:
+                    bar.update(len(chunk))
             if bar is not None:
-                bar.update(len(chunk))
-        if bar is not None:
-            bar.close()
-
+                bar.close()
+        finally:  # the file-backed weights writable before the first residual (memory.py)
+            if populating is not None:
+                populating.wait()
         # Phase 2: residuals, W - B A in W's dtype, one op call per chunk.
         results = [None] * len(plans)
         for chunk in chunks:

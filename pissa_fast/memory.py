@@ -5,10 +5,15 @@ copy-on-write (MAP_PRIVATE) mappings of the checkpoint file. The first write to 
 takes a page fault that copies the page out of the page cache; writing a residual in place pays
 that fault once per page, interleaved with the arithmetic, and on a loaded machine each fault costs
 tens of microseconds (benchmarks/RESULTS.md, "peft backend"). `madvise(MADV_POPULATE_WRITE)`
-(Linux >= 5.14) breaks copy-on-write for a whole range in one system call, so the passes and the
-residual then run on ordinary anonymous pages. The values do not change, and the file is never
-written (private mapping). Anonymous memory, read-only memory and other platforms are left alone;
-PISSA_FAST_POPULATE=0 turns this off (to measure what it saves).
+(Linux >= 5.14) breaks copy-on-write for a whole range in one system call, so the residual is then
+written into ordinary anonymous pages. The values do not change, and the file is never written
+(private mapping). It costs about as much as faulting fresh memory (0.25 s for the 672 MiB of an
+8-layer TinyLlama's projections here), so it runs on a background thread beside other work:
+decompose_many starts it before computing the factors, which only read the weights, and waits for it
+before writing the first residual; the peft backend starts it for each targeted weight as soon as
+peft's injection names it (EarlyPopulate), behind peft's own single-threaded Python work. Anonymous
+memory, read-only memory and other platforms are left alone; PISSA_FAST_POPULATE=0 turns this off (to
+measure what it saves).
 
 Also refuses, before anything is written, weights that lie in a read-only mapping: writing the
 residual there would crash the process.
@@ -20,7 +25,9 @@ import contextlib
 import ctypes
 import errno
 import os
+import queue
 import sys
+import threading
 
 import torch
 
@@ -64,31 +71,73 @@ def _madvise(lo: int, hi: int, advice: int) -> bool:
     return False
 
 
-def prepare_inplace(tensors, names=None) -> int:
-    """Make the CPU tensors about to be written in place cheap to write: populate, writable, the
-    parts that lie in private file mappings (one madvise per tensor). Raises ValueError for a tensor
-    in a read-only mapping. Returns the number of bytes populated."""
-    cpu = [(i, t) for i, t in enumerate(tensors) if t.device.type == "cpu" and t.numel() > 0]
-    if _state["covered"]:  # already handled by an enclosing prepared() block
-        covered = sorted(_state["covered"])
-        starts = [lo for lo, _ in covered]
+class Populating:
+    """MADV_POPULATE_WRITE over byte ranges, now or on a background thread (the factor phase of a
+    decomposition only reads the weights, so the copy-on-write breaks can run beside it and need to be
+    done only before the first residual is written). ctypes drops the GIL for each madvise call.
+    wait() returns the bytes populated, once every range (and every covering block's) is done."""
 
-        def inside(t):
+    def __init__(self, ranges, background=False, after=()):
+        self._ranges, self._after, self._bytes = list(ranges), list(after), 0
+        self._thread = None
+        if background and self._ranges:
+            self._thread = threading.Thread(target=self._run, name="pissa_fast populate", daemon=True)
+            self._thread.start()
+        else:
+            self._run()
+
+    def _run(self):
+        for a, b in self._ranges:
+            if not _state["unsupported"] and _madvise(a, b, MADV_POPULATE_WRITE):
+                self._bytes += b - a
+
+    def wait(self) -> int:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        for other in self._after:
+            other.wait()
+        return self._bytes
+
+
+def _switched_off() -> bool:
+    # diagnostic switch: measure the per-page faults this avoids (benchmarks/bench_peft.py)
+    return os.environ.get("PISSA_FAST_POPULATE", "1").strip().lower() in ("0", "false", "no", "off")
+
+
+def _file_ranges(tensors, names):
+    """The parts of the CPU tensors that lie in private file mappings, as byte ranges, and the covering
+    Populating blocks (prepared()) of those already handled. Raises ValueError for a tensor in a
+    read-only mapping."""
+    cpu = [(i, t) for i, t in enumerate(tensors) if t.device.type == "cpu" and t.numel() > 0]
+    after = []
+    if _state["covered"]:  # already handled by an enclosing prepared() block
+        covered = sorted(_state["covered"], key=lambda c: c[0])
+        starts = [lo for lo, _, _ in covered]
+
+        def cover(t):
             a, b = span(t)
             k = bisect.bisect_right(starts, a) - 1
-            return k >= 0 and b <= covered[k][1]
+            return covered[k][2] if k >= 0 and b <= covered[k][1] else None
 
-        cpu = [(i, t) for i, t in cpu if not inside(t)]
-    if os.environ.get("PISSA_FAST_POPULATE", "1").strip().lower() in ("0", "false", "no", "off"):
-        cpu = []  # diagnostic switch: measure the per-page faults this avoids (benchmarks/bench_peft.py)
+        rest = []
+        for i, t in cpu:
+            c = cover(t)
+            if c is None:
+                rest.append((i, t))
+            elif all(c is not x for x in after):
+                after.append(c)
+        cpu = rest
+    if _switched_off():
+        cpu = []
     if not cpu or _state["unsupported"] or sum(t.numel() * t.element_size() for _, t in cpu) < _MIN_BYTES:
-        return 0
+        return [], after
     try:
         maps = _mappings()
     except OSError:
-        return 0
+        return [], after
     starts = [m[0] for m in maps]
-    populated = 0
+    ranges = []
     for i, t in cpu:
         lo, hi = span(t)
         k = bisect.bisect_right(starts, lo) - 1
@@ -102,20 +151,107 @@ def prepare_inplace(tensors, names=None) -> int:
                 raise ValueError(f"inplace=True: {name} lies in read-only memory ({path or 'anonymous'}, "
                                  f"{perms}); pass a writable copy")
             if perms.endswith("p") and path and not path.startswith("["):
-                a, b = max(lo, start), min(hi, end)
-                if not _state["unsupported"] and _madvise(a, b, MADV_POPULATE_WRITE):
-                    populated += b - a
-    return populated
+                ranges.append((max(lo, start), min(hi, end)))
+    return ranges, after
+
+
+def start_populate(tensors, names=None) -> Populating:
+    """Check the CPU tensors about to be written in place (ValueError for a read-only mapping, before
+    anything is written) and start populating, writable, the parts in private file mappings on a
+    background thread; call .wait() on the result before writing them."""
+    ranges, after = _file_ranges(tensors, names)
+    return Populating(ranges, background=True, after=after)
+
+
+def prepare_inplace(tensors, names=None) -> int:
+    """start_populate, waited for: returns the number of bytes populated."""
+    ranges, after = _file_ranges(tensors, names)
+    return Populating(ranges, after=after).wait()
+
+
+class EarlyPopulate:
+    """Populates weights on a background thread as they are named, long before their decomposition:
+    the peft backend names each targeted layer's weight during peft's injection, whose Python work
+    leaves the second core idle. prepared(..., early=this) waits for it and populates only what it
+    did not (weights in read-only or unexpected mappings are left to prepared()'s checks)."""
+
+    def __init__(self):
+        self._queue = queue.SimpleQueue()
+        self._thread = None
+        self.done: set[tuple[int, int]] = set()  # spans populated (or anonymous: nothing to do)
+
+    def add(self, t: torch.Tensor) -> None:
+        if t.device.type != "cpu" or t.numel() == 0 or _switched_off() or _state["unsupported"]:
+            return
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="pissa_fast early populate", daemon=True)
+            self._thread.start()
+        self._queue.put(span(t))
+
+    def _run(self):
+        maps = None
+        while (item := self._queue.get()) is not None:
+            lo, hi = item
+            try:
+                parts = _cover(maps, lo, hi)
+                if parts is None:  # a mapping made after the last read (or the first read)
+                    maps = _mappings()
+                    parts = _cover(maps, lo, hi)
+            except OSError:
+                parts = None
+            if parts is None or any("w" not in perms for _, _, perms, _ in parts):
+                continue
+            ok = True
+            for a, b, perms, path in parts:
+                if perms.endswith("p") and path and not path.startswith("["):
+                    ok = not _state["unsupported"] and _madvise(a, b, MADV_POPULATE_WRITE) and ok
+            if ok:
+                self.done.add(item)
+
+    def close(self) -> None:
+        """Wait for everything named so far; the thread ends."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+
+def _cover(maps, lo, hi):
+    """The mappings' parts [(a, b, perms, path)] that make up [lo, hi), or None where maps is None or
+    leaves a hole."""
+    if maps is None:
+        return None
+    k = bisect.bisect_right([m[0] for m in maps], lo) - 1
+    parts, at = [], lo
+    while 0 <= k < len(maps) and at < hi:
+        start, end, perms, path = maps[k]
+        k += 1
+        if end <= at:
+            continue
+        if start > at:
+            return None
+        parts.append((at, min(hi, end), perms, path))
+        at = min(hi, end)
+    return parts if at >= hi else None
 
 
 @contextlib.contextmanager
-def prepared(tensors, names=None):
-    """prepare_inplace(tensors) once, for a caller about to decompose them in several calls: inside
-    the block, prepare_inplace skips them (one read of /proc/self/maps instead of one per call)."""
-    prepare_inplace(tensors, names)
-    spans = [span(t) for t in tensors if t.device.type == "cpu" and t.numel() > 0]
+def prepared(tensors, names=None, early: EarlyPopulate | None = None):
+    """Check the tensors and start populating them once, for a caller about to decompose them in
+    several calls: inside the block, start_populate and prepare_inplace wait for this population
+    instead of doing their own (one read of /proc/self/maps instead of one per call). With `early`,
+    what it populated already is not looked at again."""
+    todo, todo_names = tensors, names
+    if early is not None:
+        early.close()
+        keep = [i for i, t in enumerate(tensors) if span(t) not in early.done]
+        todo = [tensors[i] for i in keep]
+        todo_names = [names[i] for i in keep] if names is not None else None
+    handle = start_populate(todo, todo_names)
+    spans = [span(t) + (handle,) for t in tensors if t.device.type == "cpu" and t.numel() > 0]
     _state["covered"] = _state["covered"] + spans
     try:
         yield
     finally:
         _state["covered"] = _state["covered"][:len(_state["covered"]) - len(spans)]
+        handle.wait()
