@@ -71,3 +71,62 @@ def test_read_only_mapping_is_refused_before_any_write(tmp_path):
     out = pissa_fast.decompose(w, 4, 1)  # out of place is fine
     assert out.residual.data_ptr() != w.data_ptr()
     del w
+
+
+def _anonymous_bytes(lo, hi):
+    """Bytes of anonymous (copy-on-write broken) pages in the mappings that overlap [lo, hi)."""
+    total, hit = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                a, b = (int(x, 16) for x in head.split("-"))
+                hit = a < hi and lo < b
+            elif hit and line.startswith("Anonymous:"):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+def test_early_populate_does_the_work_before_prepared(checkpoint, monkeypatch):
+    """EarlyPopulate (the peft backend names each weight during peft's injection) breaks copy-on-write
+    on a background thread; prepared(..., early) then has nothing left to populate."""
+    from safetensors.torch import load_file
+
+    if not _kernel_has_populate_write():
+        pytest.skip("kernel without MADV_POPULATE_WRITE (< 5.14)")
+    w = load_file(checkpoint)["w"]
+    original = w.clone()
+    lo, hi = memory.span(w)
+    assert _anonymous_bytes(lo, hi) < w.numel() * 2  # still the file's pages
+    anon = torch.randn(256, 512)
+    early = memory.EarlyPopulate()
+    early.add(w)
+    early.add(anon)
+    early.close()
+    assert memory.span(w) in early.done and memory.span(anon) in early.done
+    assert _anonymous_bytes(lo, hi) >= w.numel() * 2
+    assert torch.equal(w, original)
+    calls = []
+    real = memory.start_populate
+    monkeypatch.setattr(memory, "start_populate", lambda ts, names=None: calls.append(len(ts)) or real(ts, names))
+    with memory.prepared([w, anon], ["w", "anon"], early):
+        pass
+    assert calls == [0]
+
+
+def test_early_populate_leaves_read_only_weights_to_the_check(tmp_path):
+    path = tmp_path / "ro.bin"
+    path.write_bytes(torch.randn(1024, 512).numpy().tobytes())
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns that the buffer is not writable
+        w = torch.frombuffer(mm, dtype=torch.float32).view(1024, 512)
+    early = memory.EarlyPopulate()
+    early.add(w)
+    early.close()
+    assert memory.span(w) not in early.done
+    with pytest.raises(ValueError, match="ro lies in read-only memory"):
+        with memory.prepared([w], ["ro"], early):
+            pass
+    del w

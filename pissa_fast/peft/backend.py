@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .layers import Pending, initialize, label, ties, why_unsupported
+from ..memory import EarlyPopulate
+from .layers import Pending, early_populate, initialize, label, ties, why_unsupported
 from .niter import niter_mode, pissa_niter
 from .versions import PEFT_SPECIFIER
 
@@ -50,6 +51,8 @@ class _Session:
     fallbacks: list[tuple[object, str]] = field(default_factory=list)  # (layer, why) run by peft's code
     problems: list[tuple[object, str]] = field(default_factory=list)  # strict mode: (layer, why)
     done: set[int] = field(default_factory=set)  # ids of layers initialized at once (LoRA variants)
+    # file-backed weights made writable on a background thread while peft injects (memory.py)
+    early: EarlyPopulate = field(default_factory=EarlyPopulate)
 
 
 def _sessions() -> list[_Session]:
@@ -126,6 +129,7 @@ def _pissa_init(self, adapter_name, init_lora_weights):
             session.done.add(id(self))
         return None
     session.pending.append(pending)
+    early_populate(session.early, pending)
     return None
 
 
@@ -136,13 +140,16 @@ def _inject_adapter(self, model, adapter_name, *args, **kwargs):
     sessions = _sessions()
     sessions.append(session)
     try:
-        result = original(self, model, adapter_name, *args, **kwargs)
+        try:
+            result = original(self, model, adapter_name, *args, **kwargs)
+        finally:
+            sessions.pop()
+            if session.fallbacks:
+                names = _names(model)
+                _warn_fallback([(names.get(id(layer), type(layer).__name__), why) for layer, why in session.fallbacks])
+        _finish(session, getattr(self, "peft_config", {}).get(adapter_name))
     finally:
-        sessions.pop()
-        if session.fallbacks:
-            names = _names(model)
-            _warn_fallback([(names.get(id(layer), type(layer).__name__), why) for layer, why in session.fallbacks])
-    _finish(session, getattr(self, "peft_config", {}).get(adapter_name))
+        session.early.close()
     return result
 
 
@@ -168,7 +175,7 @@ def _finish(session: _Session, config) -> None:
         more = f"\n  ... and {len(lines) - 20} more" if len(lines) > 20 else ""
         raise ValueError(f"PiSSA init of adapter {session.adapter!r}: {len(lines)} targeted layer(s) cannot be "
                          f"initialized:\n  " + "\n  ".join(lines[:20]) + more)
-    initialize(session.pending, _seed())
+    initialize(session.pending, _seed(), early=session.early)
 
 
 def _strict_check(session: _Session, names: dict[int, str]) -> None:

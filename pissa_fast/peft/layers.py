@@ -182,6 +182,13 @@ def _chunks(items: list[Pending], device: torch.device):
         yield chunk
 
 
+def early_populate(early: memory.EarlyPopulate, p: Pending) -> None:
+    """Start populating p's weight if it is a private file mapping (memory.EarlyPopulate), while peft
+    goes on injecting; sharded weights are left to pissa_fast.distributed, as in initialize."""
+    if not is_sharded(p.layer.get_base_layer().weight):
+        early.add(_matrix(p))
+
+
 def _matrix(p: Pending) -> torch.Tensor:
     w = p.layer.get_base_layer().weight.detach()
     return w.t() if p.layer.fan_in_fan_out else w  # Conv1D stores W^T (in, out)
@@ -201,11 +208,13 @@ def _set_param(module: torch.nn.Module, value: torch.Tensor, base_dtype: torch.d
         param.copy_(value.to(device=param.device, dtype=param.dtype))
 
 
-def initialize(pending: list[Pending], seed: int, *, progress: bool | None = None, gather: bool = True) -> None:
+def initialize(pending: list[Pending], seed: int, *, progress: bool | None = None, gather: bool = True,
+               early: memory.EarlyPopulate | None = None) -> None:
     """PiSSA-initialize every pending layer (validated by the caller with why_unsupported), in place.
     Every weight of one decompose_many call is checked and factored before any residual is written;
     `seed` draws the test matrices (decompose_many's seed). gather=False when the caller already
-    holds peft's gather_params_ctx for these weights."""
+    holds peft's gather_params_ctx for these weights. early: the weights' population begun during the
+    injection (memory.EarlyPopulate; see early_populate)."""
     if not pending:
         return
     seed = _agreed_seed(pending, seed)
@@ -227,7 +236,7 @@ def initialize(pending: list[Pending], seed: int, *, progress: bool | None = Non
     local = [p for p in pending if not is_sharded(p.layer.get_base_layer().weight)]
     try:
         # one heap release for the whole injection, not one per decompose_many call (_heap.py)
-        with memory.prepared([_matrix(p) for p in local], [label(p) for p in local]), one_release():
+        with memory.prepared([_matrix(p) for p in local], [label(p) for p in local], early), one_release():
             _run(pending, seed, gather, bar)
     finally:
         if bar is not None:
