@@ -172,13 +172,13 @@ def prepare_inplace(tensors, names=None) -> int:
 class EarlyPopulate:
     """Populates weights on a background thread as they are named, long before their decomposition:
     the peft backend names each targeted layer's weight during peft's injection, whose Python work
-    leaves the second core idle. prepared(..., early=this) waits for it and populates only what it
-    did not (weights in read-only or unexpected mappings are left to prepared()'s checks)."""
+    leaves the second core idle. prepared(..., early=this) then only checks the weights (read-only
+    mappings fail there, before anything is written), and decompose_many waits for this thread just
+    before its first residual, so what is left of the work also runs beside the factor phase."""
 
     def __init__(self):
         self._queue = queue.SimpleQueue()
         self._thread = None
-        self.done: set[tuple[int, int]] = set()  # spans populated (or anonymous: nothing to do)
 
     def add(self, t: torch.Tensor) -> None:
         if t.device.type != "cpu" or t.numel() == 0 or _switched_off() or _state["unsupported"]:
@@ -199,21 +199,18 @@ class EarlyPopulate:
                     parts = _cover(maps, lo, hi)
             except OSError:
                 parts = None
-            if parts is None or any("w" not in perms for _, _, perms, _ in parts):
-                continue
-            ok = True
-            for a, b, perms, path in parts:
-                if perms.endswith("p") and path and not path.startswith("["):
-                    ok = not _state["unsupported"] and _madvise(a, b, MADV_POPULATE_WRITE) and ok
-            if ok:
-                self.done.add(item)
+            # read-only parts are left to prepared()'s check, which raises before anything is written
+            for a, b, perms, path in parts if parts is not None and all("w" in x[2] for x in parts) else ():
+                if perms.endswith("p") and path and not path.startswith("[") and not _state["unsupported"]:
+                    _madvise(a, b, MADV_POPULATE_WRITE)
 
-    def close(self) -> None:
-        """Wait for everything named so far; the thread ends."""
+    def wait(self) -> int:
+        """Wait for everything named so far (the thread ends; a later add starts another)."""
         if self._thread is not None:
             self._queue.put(None)
             self._thread.join()
             self._thread = None
+        return 0
 
 
 def _cover(maps, lo, hi):
@@ -240,14 +237,13 @@ def prepared(tensors, names=None, early: EarlyPopulate | None = None):
     """Check the tensors and start populating them once, for a caller about to decompose them in
     several calls: inside the block, start_populate and prepare_inplace wait for this population
     instead of doing their own (one read of /proc/self/maps instead of one per call). With `early`,
-    what it populated already is not looked at again."""
-    todo, todo_names = tensors, names
-    if early is not None:
-        early.close()
-        keep = [i for i, t in enumerate(tensors) if span(t) not in early.done]
-        todo = [tensors[i] for i in keep]
-        todo_names = [names[i] for i in keep] if names is not None else None
-    handle = start_populate(todo, todo_names)
+    which has every one of them queued, the tensors are only checked and that population is the one
+    waited for."""
+    if early is None:
+        handle = start_populate(tensors, names)
+    else:
+        _file_ranges(tensors, names)  # the read-only check
+        handle = early
     spans = [span(t) + (handle,) for t in tensors if t.device.type == "cpu" and t.numel() > 0]
     _state["covered"] = _state["covered"] + spans
     try:

@@ -149,7 +149,7 @@ def _inject_adapter(self, model, adapter_name, *args, **kwargs):
                 _warn_fallback([(names.get(id(layer), type(layer).__name__), why) for layer, why in session.fallbacks])
         _finish(session, getattr(self, "peft_config", {}).get(adapter_name))
     finally:
-        session.early.close()
+        session.early.wait()
     return result
 
 
