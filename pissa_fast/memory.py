@@ -139,20 +139,33 @@ def _file_ranges(tensors, names):
     starts = [m[0] for m in maps]
     ranges = []
     for i, t in cpu:
-        lo, hi = span(t)
-        k = bisect.bisect_right(starts, lo) - 1
-        while 0 <= k < len(maps) and maps[k][0] < hi:
-            start, end, perms, path = maps[k]
-            k += 1
-            if end <= lo:
-                continue
+        for a, b, perms, path in _overlaps(maps, starts, *span(t)):
             if "w" not in perms:
                 name = names[i] if names is not None else f"weights[{i}]"
                 raise ValueError(f"inplace=True: {name} lies in read-only memory ({path or 'anonymous'}, "
                                  f"{perms}); pass a writable copy")
-            if perms.endswith("p") and path and not path.startswith("["):
-                ranges.append((max(lo, start), min(hi, end)))
+            if _private_file(perms, path):
+                ranges.append((a, b))
     return ranges, after
+
+
+def _overlaps(maps, starts, lo, hi):
+    """The mappings that overlap [lo, hi), clipped to it: [(a, b, perms, path)] in address order
+    (maps as _mappings() reads them, starts their start addresses)."""
+    out = []
+    k = bisect.bisect_right(starts, lo) - 1
+    while 0 <= k < len(maps) and maps[k][0] < hi:
+        start, end, perms, path = maps[k]
+        k += 1
+        if end > lo:
+            out.append((max(lo, start), min(hi, end), perms, path))
+    return out
+
+
+def _private_file(perms: str, path: str) -> bool:
+    """A copy-on-write mapping of a file: not anonymous memory, the heap, the stack or another
+    [special] region."""
+    return perms.endswith("p") and bool(path) and not path.startswith("[")
 
 
 def start_populate(tensors, names=None) -> Populating:
@@ -189,19 +202,20 @@ class EarlyPopulate:
         self._queue.put(span(t))
 
     def _run(self):
-        maps = None
+        maps, starts = [], []
         while (item := self._queue.get()) is not None:
             lo, hi = item
             try:
-                parts = _cover(maps, lo, hi)
+                parts = _cover(maps, starts, lo, hi)
                 if parts is None:  # a mapping made after the last read (or the first read)
                     maps = _mappings()
-                    parts = _cover(maps, lo, hi)
+                    starts = [m[0] for m in maps]
+                    parts = _cover(maps, starts, lo, hi)
             except OSError:
                 parts = None
             # read-only parts are left to prepared()'s check, which raises before anything is written
             for a, b, perms, path in parts if parts is not None and all("w" in x[2] for x in parts) else ():
-                if perms.endswith("p") and path and not path.startswith("[") and not _state["unsupported"]:
+                if _private_file(perms, path) and not _state["unsupported"]:
                     _madvise(a, b, MADV_POPULATE_WRITE)
 
     def wait(self) -> int:
@@ -213,22 +227,13 @@ class EarlyPopulate:
         return 0
 
 
-def _cover(maps, lo, hi):
-    """The mappings' parts [(a, b, perms, path)] that make up [lo, hi), or None where maps is None or
-    leaves a hole."""
-    if maps is None:
-        return None
-    k = bisect.bisect_right([m[0] for m in maps], lo) - 1
-    parts, at = [], lo
-    while 0 <= k < len(maps) and at < hi:
-        start, end, perms, path = maps[k]
-        k += 1
-        if end <= at:
-            continue
-        if start > at:
+def _cover(maps, starts, lo, hi):
+    """_overlaps(maps, starts, lo, hi) where they make up all of [lo, hi), else None (a hole)."""
+    parts, at = _overlaps(maps, starts, lo, hi), lo
+    for a, b, _, _ in parts:
+        if a > at:
             return None
-        parts.append((at, min(hi, end), perms, path))
-        at = min(hi, end)
+        at = b
     return parts if at >= hi else None
 
 

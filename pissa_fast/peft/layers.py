@@ -182,10 +182,14 @@ def _chunks(items: list[Pending], device: torch.device):
         yield chunk
 
 
+def _sharded(p: Pending) -> bool:
+    return is_sharded(p.layer.get_base_layer().weight)
+
+
 def early_populate(early: memory.EarlyPopulate, p: Pending) -> None:
     """Start populating p's weight if it is a private file mapping (memory.EarlyPopulate), while peft
     goes on injecting; sharded weights are left to pissa_fast.distributed, as in initialize."""
-    if not is_sharded(p.layer.get_base_layer().weight):
+    if not _sharded(p):
         early.add(_matrix(p))
 
 
@@ -233,7 +237,7 @@ def initialize(pending: list[Pending], seed: int, *, progress: bool | None = Non
     # one look at the process's memory map for the whole batch (file-backed weights: memory.py);
     # ZeRO-3-partitioned weights have no data until gathered, and DTensors are written shard by shard
     # by pissa_fast.distributed: neither is a file mapping to populate here
-    local = [p for p in pending if not is_sharded(p.layer.get_base_layer().weight)]
+    local = [p for p in pending if not _sharded(p)]
     try:
         # one heap release for the whole injection, not one per decompose_many call (_heap.py)
         with memory.prepared([_matrix(p) for p in local], [label(p) for p in local], early), one_release():
@@ -251,7 +255,7 @@ def _agreed_seed(pending: list[Pending], seed: int) -> int:
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return seed
-    if not any(is_sharded(p.layer.get_base_layer().weight) for p in pending):
+    if not any(_sharded(p) for p in pending):
         return seed
     box = [int(seed)]
     dist.broadcast_object_list(box, src=0)
