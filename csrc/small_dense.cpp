@@ -249,16 +249,17 @@ Tensor nn_rows(const Tensor* Y, const Tensor& A, const Tensor& C) {
 }
 
 // A^T B in float64, chunk by chunk of A's rows, each chunk widened once into a buffer reused within its
-// run; b_rows(a, i, k) is B's rows [i, i + k) given A's widened chunk a (B [b, n, k'] float64).
+// run; b_rows(a, i, k) is B's rows [i, i + k) given A's widened chunk a (B [b, n, cols] float64).
 template <typename BRows>
-Tensor tn_rows(const Tensor& A, const Tensor& like, int64_t cols, BRows b_rows) {
+Tensor tn_rows(const Tensor& A, int64_t cols, BRows b_rows) {
   const int64_t n = A.size(1), R = wide_rows(A);
+  const auto f64 = A.options().dtype(at::kDouble);
   const int64_t chunks = (n + R - 1) / R;
   const int64_t most = A.is_cpu() ? std::min<int64_t>(at::get_num_threads(), chunks) : 1;
   // One partial sum per run, added in run order.
-  auto part = at::zeros({std::max<int64_t>(1, most), A.size(0), A.size(2), cols}, like.options());
+  auto part = at::zeros({std::max<int64_t>(1, most), A.size(0), A.size(2), cols}, f64);
   const int64_t tasks = over_runs(A, n, R, [&](int64_t t, int64_t i0, int64_t i1) {
-    auto buf = at::empty({A.size(0), std::min(R, n), A.size(2)}, like.options());
+    auto buf = at::empty({A.size(0), std::min(R, n), A.size(2)}, f64);
     auto acc = part[t];
     for (int64_t i = i0; i < i1; i += R) {
       const int64_t k = std::min(R, i1 - i);
@@ -276,7 +277,7 @@ Tensor tn_rows(const Tensor& A, const Tensor& like, int64_t cols, BRows b_rows) 
 
 Tensor tn_f64(const Tensor& A, const Tensor& B) {
   if (wide_rows(A) >= A.size(1)) return at::bmm(A.to(at::kDouble).mT(), B);
-  return tn_rows(A, B, B.size(2), [&](const Tensor&, int64_t i, int64_t k) { return B.narrow(1, i, k); });
+  return tn_rows(A, B.size(2), [&](const Tensor&, int64_t i, int64_t k) { return B.narrow(1, i, k); });
 }
 
 Tensor tn_last_f64(const Tensor& A, int64_t l) {
@@ -285,8 +286,7 @@ Tensor tn_last_f64(const Tensor& A, int64_t l) {
     auto Aw = A.to(at::kDouble);
     return at::bmm(Aw.mT(), Aw.narrow(-1, L - l, l));
   }
-  auto like = at::empty({0}, A.options().dtype(at::kDouble));
-  return tn_rows(A, like, l, [&](const Tensor& a, int64_t, int64_t) { return a.narrow(-1, L - l, l); });
+  return tn_rows(A, l, [&](const Tensor& a, int64_t, int64_t) { return a.narrow(-1, L - l, l); });
 }
 
 Tensor nn_f64(const Tensor& A, const Tensor& C) { return nn_rows(nullptr, A, C); }
