@@ -239,7 +239,7 @@ Factors fused_passes(at::TensorList W_all, const Tensor& omega, int64_t r, int64
     auto [Yi, Zi] = passes(W, (Qi * c).to(acc), transposed);
     return std::make_tuple(Yi.to(at::kDouble) / c, Zi.to(at::kDouble) / c);
   };
-  auto [Yd, Zd] = passes(W, Q.to(acc), transposed);
+  auto [Yd, Zd] = run(Q, Tensor());
   bool redo = false;
   Tensor c = pass_scale(W, Yd, Zd, &redo);
   if (!redo) c = Tensor();

@@ -196,9 +196,9 @@ int64_t block_rows(int64_t n) { return std::max<int64_t>(32, ((int64_t(1) << 20)
 enum Products { kY = 1, kZ = 2, kYZ = 3 };
 
 // Rows [r0, r1) of W (multiples of 32): with kY, their rows of Y from V's packed parts Vp; with kZ,
-// their share of Z^T in Zt [16 NT, n] from their rows of Y (given, or just computed).
+// their share of Z^T in Zt [16 NT, n] from their rows of Ysrc (the Y just made, with kYZ).
 void sweep_rows(Products what, const uint16_t* W, int64_t ldw, int64_t n, int64_t k, int64_t r0, int64_t r1,
-                const uint16_t* Vp, int64_t NT, float* Y, float* Zt) {
+                const uint16_t* Vp, int64_t NT, float* Y, const float* Ysrc, float* Zt) {
   const int64_t rows = block_rows(n);
   // Per-thread scratch, kept between calls (at most about 1 MiB): fresh buffers would be fresh
   // mappings, page-faulted on every pass.
@@ -228,7 +228,7 @@ void sweep_rows(Products what, const uint16_t* W, int64_t ldw, int64_t n, int64_
       for (int64_t i = 0; i < MB; ++i) std::memcpy(Y + (R0 + i) * k, s + i * ldo, sizeof(float) * k);
     }
     if (!(what & kZ)) continue;
-    pack_a_transposed(Y + R0 * k, MB, k, NT, yt);
+    pack_a_transposed(Ysrc + R0 * k, MB, k, NT, yt);
     pack_w(W + R0 * ldw, ldw, MB, n, wv);
     // 256 columns at a time, every accumulator group over them: that slice of the repacked block stays
     // in L1/L2 while the groups pass (with more than one group, a sweep over all columns per group
@@ -242,11 +242,11 @@ void sweep_rows(Products what, const uint16_t* W, int64_t ldw, int64_t n, int64_
   tiles_off();
 }
 
-// One sweep over W [m, n] making `what`: Y [m, k] from V [n, k] (kY), Z [n, k] = W^T Y (kZ, Y given or
-// made). Row ranges of whole 32-row chunks go one per task; with kZ each task has a Z^T partial of
+// One sweep over W [m, n] making `what`: Y [m, k] from V [n, k] (kY), Z [n, k] = W^T Ysrc (kZ; with
+// kYZ, Ysrc is the Y made). Row ranges of whole 32-row chunks go one per task; with kZ each task has a Z^T partial of
 // 64 NT n bytes, the partials together within 1/8 of W's bytes (and within the threads), summed in
 // task order: deterministic for a given thread count.
-void sweep(Products what, const at::Tensor& W, const float* V, float* Y, float* Z, int64_t k) {
+void sweep(Products what, const at::Tensor& W, const float* V, float* Y, const float* Ysrc, float* Z, int64_t k) {
   const int64_t m = W.size(0), n = W.size(1), ldw = W.stride(0);
   const int64_t NT = (k + 15) / 16;
   at::Tensor Vp;
@@ -268,7 +268,7 @@ void sweep(Products what, const at::Tensor& W, const float* V, float* Y, float* 
   const auto* w = reinterpret_cast<const uint16_t*>(W.data_ptr<at::BFloat16>());
   at::parallel_for(0, tasks, 1, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t)
-      sweep_rows(what, w, ldw, n, k, chunks * t / tasks * 32, chunks * (t + 1) / tasks * 32, vp, NT, Y,
+      sweep_rows(what, w, ldw, n, k, chunks * t / tasks * 32, chunks * (t + 1) / tasks * 32, vp, NT, Y, Ysrc,
                  zt ? zt + t * NT * 16 * n : nullptr);
   });
   if (!(what & kZ)) return;
@@ -295,16 +295,15 @@ bool takes(const at::Tensor& W) { return takes_bf16(W, 32); }
 
 #ifdef PF_HAVE_AMX
 void gram(const at::Tensor& W, const at::Tensor& V, at::Tensor Y, at::Tensor Z) {
-  sweep(kYZ, W, V.data_ptr<float>(), Y.data_ptr<float>(), Z.data_ptr<float>(), V.size(1));
+  sweep(kYZ, W, V.data_ptr<float>(), Y.data_ptr<float>(), Y.data_ptr<float>(), Z.data_ptr<float>(), V.size(1));
 }
 
 void wx(const at::Tensor& W, const at::Tensor& X, at::Tensor Y) {
-  sweep(kY, W, X.data_ptr<float>(), Y.data_ptr<float>(), nullptr, X.size(1));
+  sweep(kY, W, X.data_ptr<float>(), Y.data_ptr<float>(), nullptr, nullptr, X.size(1));
 }
 
 void wtx(const at::Tensor& W, const at::Tensor& Y, at::Tensor Z) {
-  // Y is only read (sweep_rows writes Y only with kY).
-  sweep(kZ, W, nullptr, const_cast<float*>(Y.data_ptr<float>()), Z.data_ptr<float>(), Y.size(1));
+  sweep(kZ, W, nullptr, nullptr, Y.data_ptr<float>(), Z.data_ptr<float>(), Y.size(1));
 }
 #else
 void gram(const at::Tensor&, const at::Tensor&, at::Tensor, at::Tensor) { not_built(); }
