@@ -15,7 +15,6 @@ import bench_core  # noqa: E402
 
 @pytest.fixture(scope="module")
 def weight():
-    torch.manual_seed(0)
     W64, _ = bench_core.test_matrix(192)
     W = W64.to(torch.bfloat16)
     return W, W.double(), pf.exact_factors(W.double())

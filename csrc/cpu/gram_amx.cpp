@@ -243,9 +243,9 @@ void sweep_rows(Products what, const uint16_t* W, int64_t ldw, int64_t n, int64_
 }
 
 // One sweep over W [m, n] making `what`: Y [m, k] from V [n, k] (kY), Z [n, k] = W^T Ysrc (kZ; with
-// kYZ, Ysrc is the Y made). Row ranges of whole 32-row chunks go one per task; with kZ each task has a Z^T partial of
-// 64 NT n bytes, the partials together within 1/8 of W's bytes (and within the threads), summed in
-// task order: deterministic for a given thread count.
+// kYZ, Ysrc is the Y made). Row ranges of whole 32-row chunks go one per task; with kZ each task has a
+// Z^T partial of 64 NT n bytes, the partials together within 1/8 of W's bytes (and within the
+// threads), summed in task order: deterministic for a given thread count.
 void sweep(Products what, const at::Tensor& W, const float* V, float* Y, const float* Ysrc, float* Z, int64_t k) {
   const int64_t m = W.size(0), n = W.size(1), ldw = W.stride(0);
   const int64_t NT = (k + 15) / 16;
