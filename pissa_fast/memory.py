@@ -72,19 +72,17 @@ def _madvise(lo: int, hi: int, advice: int) -> bool:
 
 
 class Populating:
-    """MADV_POPULATE_WRITE over byte ranges, now or on a background thread (the factor phase of a
+    """MADV_POPULATE_WRITE over byte ranges on a background thread (the factor phase of a
     decomposition only reads the weights, so the copy-on-write breaks can run beside it and need to be
     done only before the first residual is written). ctypes drops the GIL for each madvise call.
     wait() returns the bytes populated, once every range (and every covering block's) is done."""
 
-    def __init__(self, ranges, background=False, after=()):
+    def __init__(self, ranges, after=()):
         self._ranges, self._after, self._bytes = list(ranges), list(after), 0
         self._thread = None
-        if background and self._ranges:
+        if self._ranges:
             self._thread = threading.Thread(target=self._run, name="pissa_fast populate", daemon=True)
             self._thread.start()
-        else:
-            self._run()
 
     def _run(self):
         for a, b in self._ranges:
@@ -173,13 +171,7 @@ def start_populate(tensors, names=None) -> Populating:
     anything is written) and start populating, writable, the parts in private file mappings on a
     background thread; call .wait() on the result before writing them."""
     ranges, after = _file_ranges(tensors, names)
-    return Populating(ranges, background=True, after=after)
-
-
-def prepare_inplace(tensors, names=None) -> int:
-    """start_populate, waited for: returns the number of bytes populated."""
-    ranges, after = _file_ranges(tensors, names)
-    return Populating(ranges, after=after).wait()
+    return Populating(ranges, after=after)
 
 
 class EarlyPopulate:
@@ -218,13 +210,12 @@ class EarlyPopulate:
                 if _private_file(perms, path) and not _state["unsupported"]:
                     _madvise(a, b, MADV_POPULATE_WRITE)
 
-    def wait(self) -> int:
+    def wait(self) -> None:
         """Wait for everything named so far (the thread ends; a later add starts another)."""
         if self._thread is not None:
             self._queue.put(None)
             self._thread.join()
             self._thread = None
-        return 0
 
 
 def _cover(maps, starts, lo, hi):
@@ -240,10 +231,9 @@ def _cover(maps, starts, lo, hi):
 @contextlib.contextmanager
 def prepared(tensors, names=None, early: EarlyPopulate | None = None):
     """Check the tensors and start populating them once, for a caller about to decompose them in
-    several calls: inside the block, start_populate and prepare_inplace wait for this population
-    instead of doing their own (one read of /proc/self/maps instead of one per call). With `early`,
-    which has every one of them queued, the tensors are only checked and that population is the one
-    waited for."""
+    several calls: inside the block, start_populate waits for this population instead of doing its
+    own (one read of /proc/self/maps instead of one per call). With `early`, which has every one of
+    them queued, the tensors are only checked and that population is the one waited for."""
     if early is None:
         handle = start_populate(tensors, names)
     else:

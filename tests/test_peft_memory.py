@@ -39,7 +39,7 @@ def test_file_backed_weight_is_populated_and_decomposed_in_place(checkpoint):
     before = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     w = load_file(checkpoint)["w"]
     original = w.clone()
-    assert memory.prepare_inplace([w]) == w.numel() * 2  # the whole weight sits in the file mapping
+    assert memory.start_populate([w]).wait() == w.numel() * 2  # the whole weight sits in the file mapping
     assert torch.equal(w, original)  # populating changes no value
     out = pissa_fast.decompose(w, 8, 2, inplace=True)
     assert out.residual.data_ptr() == w.data_ptr()
@@ -50,11 +50,11 @@ def test_file_backed_weight_is_populated_and_decomposed_in_place(checkpoint):
 def test_anonymous_small_and_switched_off_are_left_alone(checkpoint, monkeypatch):
     from safetensors.torch import load_file
 
-    assert memory.prepare_inplace([torch.randn(512, 1024)]) == 0  # anonymous memory
+    assert memory.start_populate([torch.randn(512, 1024)]).wait() == 0  # anonymous memory
     loaded = load_file(checkpoint)
-    assert memory.prepare_inplace([loaded["small"]]) == 0  # under 1 MiB: not worth reading /proc/self/maps
+    assert memory.start_populate([loaded["small"]]).wait() == 0  # under 1 MiB: not worth reading /proc/self/maps
     monkeypatch.setenv("PISSA_FAST_POPULATE", "0")
-    assert memory.prepare_inplace([loaded["w"]]) == 0
+    assert memory.start_populate([loaded["w"]]).wait() == 0
 
 
 def test_read_only_mapping_is_refused_before_any_write(tmp_path):
